@@ -1,0 +1,24 @@
+//! mcp-tls-gateway: a thread-per-core io_uring TLS gateway for MCP servers.
+//!
+//! Modules, by responsibility:
+//! - [`config`]: the TOML format, defaults, flag overrides, validation.
+//! - [`tls`]: rustls server configurations from PEM files and policy.
+//! - [`sniff`]: telling TLS from plaintext, and the plaintext answers.
+//! - [`buf`]: fixed-address byte buffers shared with the kernel.
+//! - [`session`]: the per-connection protocol state machine (no I/O).
+//! - [`uring`]: ring creation and the opcode probe.
+//! - [`worker`]: the io_uring event loop of one pinned worker.
+//! - [`server`]: binding, starting workers, draining.
+//! - [`metrics`]: lock-free per-worker counters.
+//! - [`notify`]: systemd readiness notification.
+
+pub mod buf;
+pub mod config;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+pub mod session;
+pub mod sniff;
+pub mod tls;
+pub mod uring;
+pub mod worker;

@@ -1,0 +1,1073 @@
+//! The per-connection protocol state machine, with no I/O of its own.
+//!
+//! A [`Session`] owns one client connection's buffers and its rustls
+//! connection (unbuffered API: we own every byte buffer). It never touches a
+//! socket. Instead, the driver (the io_uring worker, or a unit test) asks it
+//! what I/O it wants with [`Session::poll_io`], performs that I/O, and reports
+//! the result with [`Session::complete`]. Time is passed in with
+//! [`Session::tick`]. This keeps protocol logic testable without sockets, in
+//! the spirit of quinn's `quinn-proto`.
+//!
+//! Life of a session:
+//! ```text
+//!  accept ─▶ Sniff ──TLS──▶ Handshake ──▶ Relay ──▶ Done
+//!              │ HTTP                       │ backend connect, relay both ways,
+//!              ▼                            │ half-close each way, close_notify
+//!           Reject (400, linger) ─▶ Done    ▼
+//!              │ garbage ──────────────▶ Done (reason recorded)
+//! ```
+//!
+//! Buffer safety contract with the driver: every [`Io`] returned by
+//! `poll_io` carries a pointer into a buffer owned by this session. The
+//! session guarantees that memory stays allocated and is neither moved nor
+//! reused until the matching `complete` call, provided the driver (a) calls
+//! `complete` exactly once for every `Io` it was given, and (b) does not drop
+//! the session while [`Session::in_flight`] is non-zero.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, WriteTraffic};
+
+use crate::buf::Buf;
+use crate::sniff::{self, Sniff};
+
+/// Capacity of the client→gateway TLS buffer (two maximum-size records).
+pub const TLS_IN_CAP: usize = 34 * 1024;
+/// Capacity of the gateway→client TLS buffer.
+pub const TLS_OUT_CAP: usize = 34 * 1024;
+/// Capacity of each plaintext buffer (client→backend, backend→client).
+pub const PLAIN_CAP: usize = 32 * 1024;
+/// Largest plaintext a TLS record can carry.
+const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
+/// Bytes reserved per record for header, tag and padding when encrypting.
+const RECORD_OVERHEAD: usize = 64;
+/// How long a rejected plaintext client may keep sending after our answer
+/// before we close (so the answer is not destroyed by a reset).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Settings a session needs, shared by all sessions of a listener.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Address shown in the `https://` hint when the request has no `Host`.
+    pub public_addr: Arc<str>,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub backend_connect_timeout: Duration,
+}
+
+/// One I/O operation the session wants performed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// Receive from the client into `ptr..ptr+len`.
+    ClientRecv { ptr: *mut u8, len: usize },
+    /// Send `ptr..ptr+len` to the client.
+    ClientSend { ptr: *const u8, len: usize },
+    /// `shutdown(SHUT_WR)` the client socket.
+    ClientShutdown,
+    /// Open a socket to the backend and connect it.
+    BackendConnect,
+    /// Receive from the backend into `ptr..ptr+len`.
+    BackendRecv { ptr: *mut u8, len: usize },
+    /// Send `ptr..ptr+len` to the backend.
+    BackendSend { ptr: *const u8, len: usize },
+    /// `shutdown(SHUT_WR)` the backend socket.
+    BackendShutdown,
+}
+
+impl Io {
+    /// The kind of operation, for completion routing.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Io::ClientRecv { .. } => OpKind::ClientRecv,
+            Io::ClientSend { .. } => OpKind::ClientSend,
+            Io::ClientShutdown => OpKind::ClientShutdown,
+            Io::BackendConnect => OpKind::BackendConnect,
+            Io::BackendRecv { .. } => OpKind::BackendRecv,
+            Io::BackendSend { .. } => OpKind::BackendSend,
+            Io::BackendShutdown => OpKind::BackendShutdown,
+        }
+    }
+}
+
+/// Kinds of operation; at most one of each is in flight per session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpKind {
+    ClientRecv = 0,
+    ClientSend = 1,
+    ClientShutdown = 2,
+    BackendConnect = 3,
+    BackendRecv = 4,
+    BackendSend = 5,
+    BackendShutdown = 6,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 7] = [
+        OpKind::ClientRecv,
+        OpKind::ClientSend,
+        OpKind::ClientShutdown,
+        OpKind::BackendConnect,
+        OpKind::BackendRecv,
+        OpKind::BackendSend,
+        OpKind::BackendShutdown,
+    ];
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
+    /// Decodes the value stored in completion user data.
+    pub fn from_u8(v: u8) -> Option<OpKind> {
+        OpKind::ALL.get(v as usize).copied()
+    }
+}
+
+/// Why a session ended. Every session ends with exactly one reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("closed normally")]
+    Normal,
+    #[error("plaintext HTTP on the TLS port (answered 400)")]
+    PlaintextHttp,
+    #[error("not TLS: first bytes are neither a TLS handshake nor HTTP")]
+    NotTls,
+    #[error("client closed before completing the handshake")]
+    ClientGoneBeforeHandshake,
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("TLS handshake failed: {0}")]
+    HandshakeFailed(rustls::Error),
+    #[error("TLS error after the handshake: {0}")]
+    TlsError(rustls::Error),
+    #[error("backend connect failed: {0}")]
+    BackendConnectFailed(Errno),
+    #[error("backend connect timed out")]
+    BackendConnectTimeout,
+    #[error("backend reset the connection: {0}")]
+    BackendReset(Errno),
+    #[error("client I/O error: {0}")]
+    ClientError(Errno),
+    #[error("idle timeout")]
+    IdleTimeout,
+    #[error("closed by gateway shutdown")]
+    Shutdown,
+}
+
+impl CloseReason {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::PlaintextHttp => "plaintext_http",
+            CloseReason::NotTls => "not_tls",
+            CloseReason::ClientGoneBeforeHandshake => "client_gone_before_handshake",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::HandshakeFailed(_) => "handshake_failed",
+            CloseReason::TlsError(_) => "tls_error",
+            CloseReason::BackendConnectFailed(_) => "backend_connect_failed",
+            CloseReason::BackendConnectTimeout => "backend_connect_timeout",
+            CloseReason::BackendReset(_) => "backend_reset",
+            CloseReason::ClientError(_) => "client_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// An OS error number, displayed with its description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+/// Borrows a session's outbound buffers for [`encrypt_pending`], disjoint
+/// from its rustls connection.
+macro_rules! outbound {
+    ($s:ident) => {
+        Outbound {
+            down: &mut $s.down,
+            tls_out: &mut $s.tls_out,
+            overflow_empty: $s.overflow.is_empty(),
+            out_idle: $s.in_flight & OpKind::ClientSend.bit() == 0,
+            down_idle: $s.in_flight & OpKind::BackendRecv.bit() == 0,
+            backend_rd_done: $s.backend_rd_done,
+            close_notify_queued: &mut $s.close_notify_queued,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first bytes to tell TLS from plaintext.
+    Sniff,
+    /// Plaintext HTTP: answering 400, then lingering until the client closes.
+    Reject,
+    /// rustls handshake in progress.
+    Handshake,
+    /// Relaying between client and backend.
+    Relay,
+    /// Finished; waiting only for in-flight operations to complete.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Idle,
+    Connecting,
+    Connected,
+    /// Unusable (refused, reset, or deliberately abandoned).
+    Gone,
+}
+
+/// Counters a session keeps for the driver's metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Plaintext bytes relayed client → backend.
+    pub bytes_up: u64,
+    /// Plaintext bytes relayed backend → client.
+    pub bytes_down: u64,
+    /// Whether the TLS handshake completed.
+    pub handshake_done: bool,
+    /// Whether the client ended its stream with close_notify (vs. a bare FIN).
+    pub client_close_notify: bool,
+    /// Whether a 502 answer was sent.
+    pub sent_502: bool,
+}
+
+/// One client connection's protocol state.
+pub struct Session {
+    cfg: SessionConfig,
+    phase: Phase,
+    tls: Option<UnbufferedServerConnection>,
+    /// TLS (or sniffed plaintext) bytes from the client.
+    tls_in: Buf,
+    /// Bytes to the client (TLS records, or the plaintext 400 answer).
+    tls_out: Buf,
+    /// Handshake messages that did not fit `tls_out`; sent before anything else.
+    overflow: Vec<u8>,
+    /// Plaintext client → backend.
+    up: Buf,
+    /// Plaintext backend → client.
+    down: Buf,
+    in_flight: u8,
+    backend: Backend,
+    /// The client's TCP stream reached EOF.
+    client_tcp_eof: bool,
+    /// No more plaintext will come from the client (close_notify or EOF).
+    client_rd_done: bool,
+    /// The backend's stream reached EOF (no more plaintext to the client).
+    backend_rd_done: bool,
+    close_notify_queued: bool,
+    client_wr_shut: bool,
+    backend_wr_shut: bool,
+    /// Whether the first plaintext from the client looked like HTTP.
+    first_request_http: Option<bool>,
+    /// The backend failed before sending anything: decide 502 vs close.
+    awaiting_502_decision: bool,
+    created: Instant,
+    last_activity: Instant,
+    connect_started: Option<Instant>,
+    linger_until: Option<Instant>,
+    handshake_duration: Option<Duration>,
+    /// rustls reported a fatal error: only its alert remains to be sent.
+    tls_dead: bool,
+    reason: Option<CloseReason>,
+    stats: SessionStats,
+}
+
+impl Session {
+    /// A new session for a just-accepted client connection.
+    pub fn new(cfg: SessionConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            phase: Phase::Sniff,
+            tls: None,
+            tls_in: Buf::new(TLS_IN_CAP),
+            tls_out: Buf::new(TLS_OUT_CAP),
+            overflow: Vec::new(),
+            up: Buf::new(PLAIN_CAP),
+            down: Buf::new(PLAIN_CAP),
+            in_flight: 0,
+            backend: Backend::Idle,
+            client_tcp_eof: false,
+            client_rd_done: false,
+            backend_rd_done: false,
+            close_notify_queued: false,
+            client_wr_shut: false,
+            backend_wr_shut: false,
+            first_request_http: None,
+            awaiting_502_decision: false,
+            created: now,
+            last_activity: now,
+            connect_started: None,
+            linger_until: None,
+            handshake_duration: None,
+            tls_dead: false,
+            reason: None,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// Operations currently in flight (bit per [`OpKind`]).
+    pub fn in_flight(&self) -> u8 {
+        self.in_flight
+    }
+
+    /// Whether the session is over and nothing is in flight: the driver may
+    /// close the sockets and drop it.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Done && self.in_flight == 0
+    }
+
+    /// Whether the session is over but operations are still in flight: the
+    /// driver should cancel them.
+    pub fn wants_cancel(&self) -> bool {
+        self.phase == Phase::Done && self.in_flight != 0
+    }
+
+    /// Why the session ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.reason.as_ref()
+    }
+
+    /// Counters for metrics and logs.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// How long the handshake took, once it completed.
+    pub fn handshake_duration(&self) -> Option<Duration> {
+        self.handshake_duration
+    }
+
+    /// Negotiated TLS version and cipher suite, once known.
+    pub fn negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        let tls = self.tls.as_ref()?;
+        Some((
+            tls.protocol_version()?,
+            tls.negotiated_cipher_suite()?.suite(),
+        ))
+    }
+
+    /// Whether the session's handshake phase (sniff or TLS) is still running.
+    pub fn in_handshake(&self) -> bool {
+        matches!(self.phase, Phase::Sniff | Phase::Handshake)
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.phase = Phase::Done;
+    }
+
+    /// Ends the session now, e.g. when the drain period is over.
+    pub fn abort(&mut self, reason: CloseReason) {
+        self.finish(reason);
+    }
+
+    // ------------------------------------------------------------------
+    // Driver interface
+
+    /// The next operation to start, if any. Each returned `Io` is marked in
+    /// flight until [`Session::complete`] is called for its kind.
+    pub fn poll_io(&mut self) -> Option<Io> {
+        if self.phase == Phase::Done {
+            return None;
+        }
+        self.flush_overflow();
+        let io = self.next_io()?;
+        self.in_flight |= io.kind().bit();
+        Some(io)
+    }
+
+    fn idle(&self, k: OpKind) -> bool {
+        self.in_flight & k.bit() == 0
+    }
+
+    fn next_io(&mut self) -> Option<Io> {
+        // Client send: whatever is queued for the client.
+        if self.idle(OpKind::ClientSend) && !self.tls_out.is_empty() && !self.client_wr_shut {
+            let (ptr, len) = self.tls_out.filled_raw();
+            return Some(Io::ClientSend { ptr, len });
+        }
+        // Client shutdown once our last bytes (close_notify or the 400) are out.
+        if self.idle(OpKind::ClientSend)
+            && self.idle(OpKind::ClientShutdown)
+            && !self.client_wr_shut
+            && self.tls_out.is_empty()
+            && self.overflow.is_empty()
+            && (self.close_notify_queued || self.phase == Phase::Reject)
+        {
+            self.client_wr_shut = true;
+            return Some(Io::ClientShutdown);
+        }
+        // Client receive.
+        if self.idle(OpKind::ClientRecv) && !self.client_tcp_eof {
+            if self.tls_in.spare_len() < MAX_RECORD_PLAINTEXT {
+                self.tls_in.compact();
+            }
+            if self.tls_in.spare_len() > 0 {
+                let (ptr, len) = self.tls_in.spare_raw();
+                return Some(Io::ClientRecv { ptr, len });
+            }
+        }
+        if self.phase != Phase::Relay {
+            return None;
+        }
+        match self.backend {
+            Backend::Idle if !self.awaiting_502_decision => {
+                self.backend = Backend::Connecting;
+                return Some(Io::BackendConnect);
+            }
+            Backend::Connected => {}
+            _ => return None,
+        }
+        if self.idle(OpKind::BackendSend) && !self.up.is_empty() {
+            let (ptr, len) = self.up.filled_raw();
+            return Some(Io::BackendSend { ptr, len });
+        }
+        if self.idle(OpKind::BackendSend)
+            && self.idle(OpKind::BackendShutdown)
+            && !self.backend_wr_shut
+            && self.client_rd_done
+            && self.up.is_empty()
+        {
+            self.backend_wr_shut = true;
+            return Some(Io::BackendShutdown);
+        }
+        if self.idle(OpKind::BackendRecv) && !self.backend_rd_done {
+            if self.down.spare_len() < MAX_RECORD_PLAINTEXT {
+                self.down.compact();
+            }
+            if self.down.spare_len() > 0 {
+                let (ptr, len) = self.down.spare_raw();
+                return Some(Io::BackendRecv { ptr, len });
+            }
+        }
+        None
+    }
+
+    /// Reports the result of an operation started by `poll_io`: a byte count
+    /// (or 0) on success, `-errno` on failure.
+    pub fn complete(&mut self, kind: OpKind, res: i32, now: Instant) {
+        debug_assert!(
+            !self.idle(kind),
+            "completion for an operation not in flight"
+        );
+        self.in_flight &= !kind.bit();
+        if res > 0 {
+            self.last_activity = now;
+        }
+        if self.phase == Phase::Done {
+            return;
+        }
+        match kind {
+            OpKind::ClientRecv => self.on_client_recv(res),
+            OpKind::ClientSend => self.on_client_send(res),
+            OpKind::ClientShutdown => {
+                if self.phase == Phase::Reject {
+                    self.linger_until = Some(now + LINGER);
+                }
+            }
+            OpKind::BackendConnect => self.on_backend_connect(res, now),
+            OpKind::BackendRecv => self.on_backend_recv(res),
+            OpKind::BackendSend => self.on_backend_send(res),
+            OpKind::BackendShutdown => {}
+        }
+        self.pump(now);
+    }
+
+    /// Checks the session's timers.
+    pub fn tick(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Done => return,
+            Phase::Sniff | Phase::Handshake => {
+                if now.duration_since(self.created) >= self.cfg.handshake_timeout {
+                    self.finish(CloseReason::HandshakeTimeout);
+                    return;
+                }
+            }
+            Phase::Reject => {
+                if self.linger_until.is_some_and(|t| now >= t)
+                    || now.duration_since(self.created) >= self.cfg.handshake_timeout + LINGER
+                {
+                    self.finish(CloseReason::PlaintextHttp);
+                    return;
+                }
+            }
+            Phase::Relay => {
+                if self.backend == Backend::Connecting
+                    && self
+                        .connect_started
+                        .is_some_and(|t| now.duration_since(t) >= self.cfg.backend_connect_timeout)
+                {
+                    // The connect op is cancelled by the driver once we are
+                    // done; treat the backend as gone now.
+                    self.backend_failed(CloseReason::BackendConnectTimeout);
+                } else if now.duration_since(self.last_activity) >= self.cfg.idle_timeout {
+                    self.close_gracefully(CloseReason::IdleTimeout);
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    // ------------------------------------------------------------------
+    // Completions
+
+    fn on_client_recv(&mut self, res: i32) {
+        match res {
+            n if n > 0 => {
+                if self.phase == Phase::Reject {
+                    // Discard whatever a rejected client keeps sending.
+                    return;
+                }
+                self.tls_in.commit(n as usize);
+            }
+            0 => self.client_tcp_eof = true,
+            e => match self.phase {
+                Phase::Reject => self.finish(CloseReason::PlaintextHttp),
+                _ => self.client_failed(Errno(-e)),
+            },
+        }
+    }
+
+    fn on_client_send(&mut self, res: i32) {
+        if res >= 0 {
+            self.tls_out.consume(res as usize);
+            if self.tls_out.is_empty() {
+                self.tls_out.compact();
+            }
+        } else if self.phase == Phase::Reject {
+            self.finish(CloseReason::PlaintextHttp);
+        } else {
+            self.client_failed(Errno(-res));
+        }
+    }
+
+    /// A socket error on the client side. After the client ended its own
+    /// stream (close_notify or FIN) a reset is just how some clients close
+    /// (they do not wait for our close_notify): that is a normal end.
+    fn client_failed(&mut self, errno: Errno) {
+        self.client_tcp_eof = true;
+        if self.client_rd_done && self.up.is_empty() {
+            self.finish(CloseReason::Normal);
+        } else {
+            self.finish(CloseReason::ClientError(errno));
+        }
+    }
+
+    fn on_backend_connect(&mut self, res: i32, now: Instant) {
+        if self.backend != Backend::Connecting {
+            return;
+        }
+        if res >= 0 {
+            self.backend = Backend::Connected;
+        } else {
+            self.backend_failed(CloseReason::BackendConnectFailed(Errno(-res)));
+        }
+        let _ = now;
+    }
+
+    fn on_backend_recv(&mut self, res: i32) {
+        if self.backend != Backend::Connected {
+            return;
+        }
+        match res {
+            n if n > 0 => {
+                self.down.commit(n as usize);
+                self.stats.bytes_down += n as u64;
+            }
+            0 => self.backend_rd_done = true,
+            e => self.backend_failed(CloseReason::BackendReset(Errno(-e))),
+        }
+    }
+
+    fn on_backend_send(&mut self, res: i32) {
+        if self.backend != Backend::Connected {
+            return;
+        }
+        if res >= 0 {
+            self.up.consume(res as usize);
+            self.stats.bytes_up += res as u64;
+            if self.up.is_empty() {
+                self.up.compact();
+            }
+        } else {
+            self.backend_failed(CloseReason::BackendReset(Errno(-res)));
+        }
+    }
+
+    /// The backend is unusable. If it never sent a byte and the client's
+    /// first request looks like HTTP, the client gets a `502`; otherwise a
+    /// clean close (close_notify). The decision may have to wait for the
+    /// client's first bytes.
+    fn backend_failed(&mut self, reason: CloseReason) {
+        self.backend = Backend::Gone;
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.up.clear_if(self.idle(OpKind::BackendSend));
+        if self.stats.bytes_down > 0 {
+            self.close_gracefully_keep_reason();
+            return;
+        }
+        match self.first_request_http {
+            Some(true) => self.send_502(),
+            Some(false) => self.close_gracefully_keep_reason(),
+            None if self.client_rd_done => self.close_gracefully_keep_reason(),
+            None => self.awaiting_502_decision = true,
+        }
+    }
+
+    fn send_502(&mut self) {
+        self.awaiting_502_decision = false;
+        self.stats.sent_502 = true;
+        if self.idle(OpKind::BackendRecv) {
+            self.down.clear();
+        }
+        let resp = sniff::bad_gateway_response();
+        self.down
+            .push_compacting_if(&resp, self.idle(OpKind::BackendRecv));
+        self.backend_rd_done = true;
+        self.client_rd_done = true;
+    }
+
+    fn close_gracefully(&mut self, reason: CloseReason) {
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.close_gracefully_keep_reason();
+    }
+
+    /// Stop relaying: send close_notify, then close. Plaintext not yet
+    /// encrypted is dropped; records already queued still go out.
+    fn close_gracefully_keep_reason(&mut self) {
+        self.awaiting_502_decision = false;
+        if self.backend != Backend::Gone {
+            self.backend = Backend::Gone;
+        }
+        if self.idle(OpKind::BackendRecv) {
+            self.down.clear();
+        }
+        self.backend_rd_done = true;
+        self.client_rd_done = true;
+    }
+
+    // ------------------------------------------------------------------
+    // Protocol progress
+
+    fn pump(&mut self, now: Instant) {
+        if self.phase == Phase::Sniff {
+            self.pump_sniff();
+        }
+        if matches!(self.phase, Phase::Handshake | Phase::Relay) && !self.tls_dead {
+            self.pump_tls(now);
+        }
+        if self.phase == Phase::Relay {
+            self.check_relay_done();
+        }
+        if self.phase == Phase::Reject && self.client_tcp_eof && self.tls_out.is_empty() {
+            self.finish(CloseReason::PlaintextHttp);
+        }
+    }
+
+    fn pump_sniff(&mut self) {
+        match sniff::sniff(self.tls_in.filled()) {
+            Sniff::Tls => match UnbufferedServerConnection::new(self.cfg.tls.clone()) {
+                Ok(conn) => {
+                    self.tls = Some(conn);
+                    self.phase = Phase::Handshake;
+                }
+                Err(e) => self.finish(CloseReason::HandshakeFailed(e)),
+            },
+            Sniff::Http => {
+                let bytes = self.tls_in.filled();
+                if sniff::head_complete(bytes)
+                    || self.tls_in.spare_len() == 0
+                    || self.client_tcp_eof
+                {
+                    let head = sniff::parse_head(bytes);
+                    let resp = sniff::plaintext_http_response(&head, &self.cfg.public_addr);
+                    self.tls_in.clear_if(self.idle(OpKind::ClientRecv));
+                    self.tls_out.push_compacting(&resp);
+                    self.phase = Phase::Reject;
+                    self.reason = Some(CloseReason::PlaintextHttp);
+                }
+            }
+            Sniff::Garbage => self.finish(CloseReason::NotTls),
+            Sniff::NeedMore => {
+                if self.client_tcp_eof {
+                    self.finish(CloseReason::ClientGoneBeforeHandshake);
+                }
+            }
+        }
+    }
+
+    /// Drives rustls until it needs I/O.
+    fn pump_tls(&mut self, now: Instant) {
+        // Bounded: each iteration either makes progress or breaks.
+        for _ in 0..10_000 {
+            let Some(tls) = self.tls.as_mut() else {
+                return;
+            };
+            // Feed client records only while the plaintext they decrypt to is
+            // sure to fit (backpressure), or during the handshake.
+            let up_room = room(&self.up, self.in_flight & OpKind::BackendSend.bit() == 0);
+            let read_allowed = !self.client_rd_done && up_room >= MAX_RECORD_PLAINTEXT;
+            let input: &mut [u8] = if read_allowed {
+                self.tls_in.filled_mut()
+            } else {
+                &mut []
+            };
+            let status = tls.process_tls_records(input);
+            let discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.tls_in.consume(discard);
+                    self.tls_failed(e);
+                    return;
+                }
+            };
+            let mut stop = false;
+            match state {
+                ConnectionState::ReadTraffic(mut rt) => {
+                    let up_idle = self.in_flight & OpKind::BackendSend.bit() == 0;
+                    let mut progressed = false;
+                    while let Some(len) = rt.peek_len() {
+                        if room(&self.up, up_idle) < len.get() {
+                            break;
+                        }
+                        match rt.next_record() {
+                            Some(Ok(rec)) => {
+                                if self.first_request_http.is_none() && !rec.payload.is_empty() {
+                                    self.first_request_http =
+                                        Some(sniff::looks_like_http(rec.payload));
+                                }
+                                self.up.push_compacting_if(rec.payload, up_idle);
+                                progressed = true;
+                            }
+                            Some(Err(e)) => {
+                                self.tls_in.consume(discard);
+                                self.tls_failed(e);
+                                return;
+                            }
+                            None => break,
+                        }
+                    }
+                    stop = !progressed;
+                }
+                ConnectionState::EncodeTlsData(mut enc) => {
+                    let out_idle = self.in_flight & OpKind::ClientSend.bit() == 0;
+                    if self.overflow.is_empty() && out_idle {
+                        self.tls_out.compact();
+                    }
+                    let res = if self.overflow.is_empty() {
+                        enc.encode(self.tls_out.spare_mut())
+                    } else {
+                        Err(EncodeError::InsufficientSize(
+                            rustls::unbuffered::InsufficientSizeError { required_size: 0 },
+                        ))
+                    };
+                    match res {
+                        Ok(n) => self.tls_out.commit(n),
+                        Err(EncodeError::InsufficientSize(_)) => {
+                            // Never drop a handshake message: park it in the
+                            // overflow, which is sent before anything else.
+                            if let Err(e) = encode_into_vec(&mut enc, &mut self.overflow) {
+                                self.tls_in.consume(discard);
+                                self.tls_failed(e);
+                                return;
+                            }
+                        }
+                        Err(EncodeError::AlreadyEncoded) => {}
+                    }
+                }
+                ConnectionState::TransmitTlsData(mut t) => {
+                    if let Some(mut wt) = t.may_encrypt_app_data() {
+                        if let Err(e) = encrypt_pending(&mut wt, outbound!(self)) {
+                            self.tls_in.consume(discard);
+                            self.tls_failed(e);
+                            return;
+                        }
+                    }
+                    // The records are in `tls_out`, which the driver sends.
+                    t.done();
+                }
+                ConnectionState::BlockedHandshake => {
+                    stop = true;
+                    if self.client_tcp_eof {
+                        self.tls_in.consume(discard);
+                        self.finish(CloseReason::ClientGoneBeforeHandshake);
+                        return;
+                    }
+                }
+                ConnectionState::WriteTraffic(mut wt) => {
+                    if self.phase == Phase::Handshake {
+                        self.phase = Phase::Relay;
+                        self.stats.handshake_done = true;
+                        self.handshake_duration = Some(now.duration_since(self.created));
+                        self.last_activity = now;
+                        self.connect_started = Some(now);
+                    }
+                    if let Err(e) = encrypt_pending(&mut wt, outbound!(self)) {
+                        self.tls_in.consume(discard);
+                        self.tls_failed(e);
+                        return;
+                    }
+                    stop = true;
+                    // No complete record left in what we were allowed to
+                    // read: at TCP EOF, the client's stream is over.
+                    if read_allowed && self.client_tcp_eof && !self.client_rd_done {
+                        self.client_rd_done = true;
+                    }
+                }
+                ConnectionState::PeerClosed => {
+                    self.client_rd_done = true;
+                    self.stats.client_close_notify = true;
+                }
+                ConnectionState::Closed => {
+                    self.client_rd_done = true;
+                    stop = true;
+                }
+                ConnectionState::ReadEarlyData(_) => {
+                    // Early data is never enabled in our ServerConfig.
+                    self.tls_in.consume(discard);
+                    self.tls_failed(rustls::Error::General("unexpected early data".into()));
+                    return;
+                }
+                _ => {
+                    self.tls_in.consume(discard);
+                    self.tls_failed(rustls::Error::General("unknown rustls state".into()));
+                    return;
+                }
+            }
+            self.tls_in.consume(discard);
+            if stop {
+                break;
+            }
+        }
+        if self.awaiting_502_decision {
+            if let Some(http) = self.first_request_http {
+                if http {
+                    self.send_502();
+                } else {
+                    self.close_gracefully_keep_reason();
+                }
+                // Encrypt the answer (or the close_notify) right away.
+                self.pump_tls_once_more(now);
+            } else if self.client_rd_done {
+                self.close_gracefully_keep_reason();
+                self.pump_tls_once_more(now);
+            }
+        }
+        if self.backend == Backend::Gone && self.idle(OpKind::BackendSend) {
+            // Nothing will carry client bytes any more.
+            self.up.clear();
+        }
+    }
+
+    fn pump_tls_once_more(&mut self, now: Instant) {
+        // `awaiting_502_decision` is now false, so this cannot recurse again.
+        if !self.awaiting_502_decision {
+            self.pump_tls(now);
+        }
+    }
+
+    /// A TLS error: send the alert rustls queued (if any), then close.
+    fn tls_failed(&mut self, err: rustls::Error) {
+        let reason = if self.phase == Phase::Handshake {
+            CloseReason::HandshakeFailed(err)
+        } else {
+            CloseReason::TlsError(err)
+        };
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.tls_dead = true;
+        // rustls queues an alert for the peer; later calls hand it out as
+        // EncodeTlsData. Collect it (bounded), then close after sending it.
+        if let Some(tls) = self.tls.as_mut() {
+            for _ in 0..4 {
+                let status = tls.process_tls_records(&mut []);
+                match status.state {
+                    Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                        if encode_into_vec(&mut enc, &mut self.overflow).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                    _ => break,
+                }
+            }
+        }
+        self.client_rd_done = true;
+        self.backend_rd_done = true;
+        self.backend = Backend::Gone;
+        self.close_notify_queued = true; // the alert ends the stream
+        self.phase = Phase::Relay;
+        self.flush_overflow();
+        if self.overflow.is_empty() && self.tls_out.is_empty() {
+            self.phase = Phase::Done;
+        }
+    }
+
+    fn flush_overflow(&mut self) {
+        if self.overflow.is_empty() {
+            return;
+        }
+        let idle = self.idle(OpKind::ClientSend);
+        let n = self.tls_out.push_compacting_if(&self.overflow, idle);
+        self.overflow.drain(..n);
+    }
+
+    /// Relay phase over when both directions are finished.
+    fn check_relay_done(&mut self) {
+        let up_done = self.client_rd_done
+            && (self.backend != Backend::Connected || (self.backend_wr_shut && self.up.is_empty()));
+        let down_done = self.close_notify_queued
+            && self.tls_out.is_empty()
+            && self.overflow.is_empty()
+            && (self.client_wr_shut || self.client_tcp_eof);
+        // The client's TCP stream is over and nothing more can reach the
+        // backend: either everything it sent was read, or the backend is gone.
+        let client_gone = self.client_tcp_eof
+            && (self.tls_in.is_empty()
+                || (self.backend == Backend::Gone && !self.awaiting_502_decision));
+        if down_done && (up_done || client_gone) {
+            self.finish(CloseReason::Normal);
+        }
+    }
+}
+
+/// The buffers `encrypt_pending` works on, borrowed apart from the rustls
+/// connection (which the `WriteTraffic` state borrows).
+struct Outbound<'a> {
+    down: &'a mut Buf,
+    tls_out: &'a mut Buf,
+    overflow_empty: bool,
+    /// No client send reads `tls_out`: it may be compacted.
+    out_idle: bool,
+    /// No backend receive writes `down`: it may be compacted.
+    down_idle: bool,
+    backend_rd_done: bool,
+    close_notify_queued: &'a mut bool,
+}
+
+/// Encrypts pending backend plaintext into `tls_out`, then close_notify once
+/// the backend's stream is over and everything before it is encrypted.
+fn encrypt_pending(
+    wt: &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    o: Outbound<'_>,
+) -> Result<(), rustls::Error> {
+    if !o.overflow_empty {
+        return Ok(());
+    }
+    while !o.down.is_empty() {
+        if o.out_idle && o.tls_out.spare_len() < MAX_RECORD_PLAINTEXT + RECORD_OVERHEAD {
+            o.tls_out.compact();
+        }
+        let spare = o.tls_out.spare_len();
+        if spare <= RECORD_OVERHEAD {
+            break;
+        }
+        let n = o
+            .down
+            .len()
+            .min(MAX_RECORD_PLAINTEXT)
+            .min(spare - RECORD_OVERHEAD);
+        match wt.encrypt(&o.down.filled()[..n], o.tls_out.spare_mut()) {
+            Ok(written) => {
+                o.tls_out.commit(written);
+                o.down.consume(n);
+            }
+            Err(EncryptError::InsufficientSize(_)) => break,
+            Err(EncryptError::EncryptExhausted) => return Err(rustls::Error::EncryptError),
+        }
+    }
+    if o.down.is_empty() && o.down_idle {
+        o.down.compact();
+    }
+    if o.backend_rd_done && o.down.is_empty() && !*o.close_notify_queued {
+        if o.out_idle {
+            o.tls_out.compact();
+        }
+        match wt.queue_close_notify(o.tls_out.spare_mut()) {
+            Ok(n) => {
+                o.tls_out.commit(n);
+                *o.close_notify_queued = true;
+            }
+            Err(EncryptError::InsufficientSize(_)) => {}
+            Err(EncryptError::EncryptExhausted) => return Err(rustls::Error::EncryptError),
+        }
+    }
+    Ok(())
+}
+
+/// Free room in a buffer: all of it when no send reads from it (so it may be
+/// compacted), otherwise only the space after the filled bytes.
+fn room(buf: &Buf, may_compact: bool) -> usize {
+    if may_compact {
+        buf.free_len()
+    } else {
+        buf.spare_len()
+    }
+}
+
+fn encode_into_vec(
+    enc: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    let start = out.len();
+    let mut need = 4096;
+    for _ in 0..8 {
+        out.resize(start + need, 0);
+        match enc.encode(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(e)) => need = e.required_size.max(need * 2),
+            Err(EncodeError::AlreadyEncoded) => {
+                out.truncate(start);
+                return Ok(());
+            }
+        }
+    }
+    out.truncate(start);
+    Err(rustls::Error::General("handshake message too large".into()))
+}
+
+impl Buf {
+    /// Appends, compacting first only when `may_compact`.
+    fn push_compacting_if(&mut self, data: &[u8], may_compact: bool) -> usize {
+        if may_compact {
+            self.push_compacting(data)
+        } else {
+            let n = data.len().min(self.spare_len());
+            self.spare_mut()[..n].copy_from_slice(&data[..n]);
+            self.commit(n);
+            n
+        }
+    }
+
+    /// Forgets the filled bytes when no operation uses them.
+    fn clear_if(&mut self, idle: bool) {
+        if idle {
+            self.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

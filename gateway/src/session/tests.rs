@@ -1,0 +1,550 @@
+//! Drives [`Session`] with an in-memory rustls client and an in-memory
+//! backend: no sockets, no io_uring.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use super::*;
+
+struct Pki {
+    server: Arc<rustls::ServerConfig>,
+    roots: RootCertStore,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der().to_vec())).unwrap();
+    Pki {
+        server: Arc::new(server),
+        roots,
+    }
+}
+
+fn config(pki: &Pki) -> SessionConfig {
+    SessionConfig {
+        tls: pki.server.clone(),
+        public_addr: "127.0.0.1:8443".into(),
+        handshake_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(600),
+        backend_connect_timeout: Duration::from_secs(5),
+    }
+}
+
+fn client(pki: &Pki, version: &'static rustls::SupportedProtocolVersion) -> ClientConnection {
+    let cfg = ClientConfig::builder_with_protocol_versions(&[version])
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    let mut c =
+        ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap()).unwrap();
+    c.set_buffer_limit(None);
+    c
+}
+
+/// The fake world around a session: a client's TCP stream and a backend.
+struct World {
+    s: Session,
+    now: Instant,
+    pending: Vec<Io>,
+    /// Bytes on the wire client → gateway, not yet received.
+    c2g: Vec<u8>,
+    c_fin: bool,
+    /// Bytes on the wire gateway → client.
+    g2c: Vec<u8>,
+    g_fin_to_client: bool,
+    /// What the backend received, and whether it saw EOF.
+    backend_got: Vec<u8>,
+    backend_eof: bool,
+    /// What the backend will still send, and whether it then closes.
+    backend_out: Vec<u8>,
+    backend_close: bool,
+    backend_refuses: bool,
+    backend_reads: bool,
+    connects: usize,
+    /// Plaintext the client has read so far.
+    client_plain: Vec<u8>,
+}
+
+impl World {
+    fn new(cfg: SessionConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            s: Session::new(cfg, now),
+            now,
+            pending: Vec::new(),
+            c2g: Vec::new(),
+            c_fin: false,
+            g2c: Vec::new(),
+            g_fin_to_client: false,
+            backend_got: Vec::new(),
+            backend_eof: false,
+            backend_out: Vec::new(),
+            backend_close: false,
+            backend_refuses: false,
+            backend_reads: true,
+            connects: 0,
+            client_plain: Vec::new(),
+        }
+    }
+
+    /// Runs operations until nothing can make progress.
+    fn run(&mut self) {
+        for _ in 0..100_000 {
+            while let Some(io) = self.s.poll_io() {
+                self.pending.push(io);
+            }
+            let mut progressed = false;
+            let pending = std::mem::take(&mut self.pending);
+            for io in pending {
+                match self.try_complete(io) {
+                    Some(res) => {
+                        self.s.complete(io.kind(), res, self.now);
+                        progressed = true;
+                    }
+                    None => self.pending.push(io),
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+        panic!("session did not settle");
+    }
+
+    fn try_complete(&mut self, io: Io) -> Option<i32> {
+        match io {
+            Io::ClientRecv { ptr, len } => {
+                if !self.c2g.is_empty() {
+                    let n = len.min(self.c2g.len());
+                    // SAFETY: the session guarantees `ptr..ptr+len` is
+                    // writable and unused until completion.
+                    unsafe { std::ptr::copy_nonoverlapping(self.c2g.as_ptr(), ptr, n) };
+                    self.c2g.drain(..n);
+                    Some(n as i32)
+                } else if self.c_fin {
+                    Some(0)
+                } else {
+                    None
+                }
+            }
+            Io::ClientSend { ptr, len } => {
+                // SAFETY: the session guarantees `ptr..ptr+len` is readable.
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                self.g2c.extend_from_slice(data);
+                Some(len as i32)
+            }
+            Io::ClientShutdown => {
+                self.g_fin_to_client = true;
+                Some(0)
+            }
+            Io::BackendConnect => {
+                self.connects += 1;
+                Some(if self.backend_refuses {
+                    -libc::ECONNREFUSED
+                } else {
+                    0
+                })
+            }
+            Io::BackendSend { ptr, len } => {
+                if !self.backend_reads {
+                    return None;
+                }
+                // SAFETY: as above.
+                let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+                self.backend_got.extend_from_slice(data);
+                Some(len as i32)
+            }
+            Io::BackendShutdown => {
+                self.backend_eof = true;
+                Some(0)
+            }
+            Io::BackendRecv { ptr, len } => {
+                if !self.backend_out.is_empty() {
+                    let n = len.min(self.backend_out.len());
+                    // SAFETY: as above.
+                    unsafe { std::ptr::copy_nonoverlapping(self.backend_out.as_ptr(), ptr, n) };
+                    self.backend_out.drain(..n);
+                    Some(n as i32)
+                } else if self.backend_close {
+                    Some(0)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Moves bytes between the rustls client and the wire, both ways.
+    fn pump_client(&mut self, c: &mut ClientConnection) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            while c.wants_write() {
+                c.write_tls(&mut self.c2g).unwrap();
+                moved = true;
+            }
+            self.run();
+            if !self.g2c.is_empty() {
+                let mut slice = &self.g2c[..];
+                let n = c.read_tls(&mut slice).unwrap();
+                self.g2c.drain(..n);
+                c.process_new_packets().unwrap();
+                self.client_plain.extend(read_plain(c));
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Cancels what is left in flight, as the driver does once a session is done.
+    fn cancel_all(&mut self) {
+        for io in std::mem::take(&mut self.pending) {
+            self.s.complete(io.kind(), -libc::ECANCELED, self.now);
+        }
+    }
+}
+
+impl World {
+    /// Everything the client has read so far (taken).
+    fn take_plain(&mut self, c: &mut ClientConnection) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.client_plain);
+        out.extend(read_plain(c));
+        out
+    }
+}
+
+fn read_plain(c: &mut ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match c.reader().read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("client read: {e}"),
+        }
+    }
+    out
+}
+
+fn handshake(w: &mut World, c: &mut ClientConnection) {
+    w.pump_client(c);
+    assert!(!c.is_handshaking(), "client handshake did not finish");
+    assert!(w.s.stats().handshake_done);
+}
+
+#[test]
+fn relays_both_directions_tls13_and_tls12() {
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let pki = pki();
+        let mut w = World::new(config(&pki));
+        let mut c = client(&pki, version);
+        handshake(&mut w, &mut c);
+        assert_eq!(w.connects, 1, "backend connect after the handshake");
+        c.writer()
+            .write_all(b"POST /mcp HTTP/1.1\r\n\r\nhello")
+            .unwrap();
+        w.backend_out.extend_from_slice(b"world");
+        w.pump_client(&mut c);
+        assert_eq!(w.backend_got, b"POST /mcp HTTP/1.1\r\n\r\nhello");
+        assert_eq!(w.take_plain(&mut c), b"world");
+        let (v, _) = w.s.negotiated().unwrap();
+        assert_eq!(v, version.version);
+    }
+}
+
+#[test]
+fn large_random_transfer_is_byte_exact() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    let up: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let down: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    w.backend_out = down.clone();
+    let mut got_down = Vec::new();
+    for chunk in up.chunks(100_000) {
+        c.writer().write_all(chunk).unwrap();
+        w.pump_client(&mut c);
+        got_down.extend(w.take_plain(&mut c));
+    }
+    for _ in 0..100 {
+        w.pump_client(&mut c);
+        got_down.extend(w.take_plain(&mut c));
+    }
+    assert_eq!(w.backend_got.len(), up.len());
+    assert!(w.backend_got == up, "upstream bytes differ");
+    assert_eq!(got_down.len(), down.len());
+    assert!(got_down == down, "downstream bytes differ");
+    assert_eq!(w.s.stats().bytes_up, up.len() as u64);
+    assert_eq!(w.s.stats().bytes_down, down.len() as u64);
+}
+
+#[test]
+fn slow_backend_applies_backpressure() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    w.backend_reads = false;
+    let payload = vec![7u8; 4 << 20];
+    c.writer().write_all(&payload).unwrap();
+    w.pump_client(&mut c);
+    let wire_total = w.c2g.len();
+    // Everything beyond the session's fixed buffers must still be on the wire.
+    let buffered = 4 * 1024 * 1024 + 4 * 1024 * 1024 / 16384 * 22 - wire_total;
+    assert!(
+        buffered <= TLS_IN_CAP + PLAIN_CAP + 16 * 1024,
+        "session took {buffered} bytes while the backend was not reading"
+    );
+    w.backend_reads = true;
+    for _ in 0..200 {
+        w.pump_client(&mut c);
+    }
+    assert_eq!(w.backend_got.len(), payload.len());
+}
+
+#[test]
+fn plaintext_http_gets_400_and_no_backend() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    w.c2g
+        .extend_from_slice(b"GET /mcp HTTP/1.1\r\nHost: gw.example:8443\r\n\r\n");
+    w.run();
+    let text = String::from_utf8(w.g2c.clone()).unwrap();
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(text.contains("https://gw.example:8443/mcp"), "{text}");
+    assert!(w.g_fin_to_client, "answer is followed by a FIN");
+    assert_eq!(w.connects, 0);
+    w.c_fin = true;
+    w.run();
+    assert!(w.s.is_finished());
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::PlaintextHttp));
+}
+
+#[test]
+fn garbage_is_closed_without_answer() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    w.c2g.extend_from_slice(b"\x00\x01\x02garbage");
+    w.run();
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert!(w.g2c.is_empty());
+    assert_eq!(w.connects, 0);
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::NotTls));
+}
+
+#[test]
+fn refused_backend_answers_502_to_http() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    w.backend_refuses = true;
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    c.writer()
+        .write_all(b"POST /mcp HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
+    w.pump_client(&mut c);
+    let text = String::from_utf8(w.take_plain(&mut c)).unwrap();
+    assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text:?}");
+    // close_notify followed the answer: the client sees a clean EOF.
+    let mut buf = [0u8; 16];
+    assert_eq!(c.reader().read(&mut buf).unwrap(), 0);
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert!(matches!(
+        w.s.close_reason(),
+        Some(CloseReason::BackendConnectFailed(_))
+    ));
+}
+
+#[test]
+fn refused_backend_closes_non_http_cleanly() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    w.backend_refuses = true;
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"\x01\x02binary").unwrap();
+    w.pump_client(&mut c);
+    assert!(w.take_plain(&mut c).is_empty());
+    let mut buf = [0u8; 16];
+    assert_eq!(c.reader().read(&mut buf).unwrap(), 0, "clean close_notify");
+}
+
+#[test]
+fn half_close_client_first() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"request").unwrap();
+    c.send_close_notify();
+    w.pump_client(&mut c);
+    assert_eq!(w.backend_got, b"request");
+    assert!(
+        w.backend_eof,
+        "backend write side shut after the client's close_notify"
+    );
+    assert!(!w.s.is_finished(), "still waiting for the backend's answer");
+    w.backend_out.extend_from_slice(b"answer");
+    w.backend_close = true;
+    w.pump_client(&mut c);
+    assert_eq!(w.take_plain(&mut c), b"answer");
+    let mut buf = [0u8; 4];
+    assert_eq!(c.reader().read(&mut buf).unwrap(), 0);
+    assert!(w.g_fin_to_client);
+    w.c_fin = true;
+    w.run();
+    assert!(w.s.is_finished());
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::Normal));
+    assert!(w.s.stats().client_close_notify);
+}
+
+#[test]
+fn half_close_backend_first_client_keeps_sending() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    w.backend_out.extend_from_slice(b"event: done\n\n");
+    w.backend_close = true;
+    w.pump_client(&mut c);
+    assert_eq!(w.take_plain(&mut c), b"event: done\n\n");
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        c.reader().read(&mut buf).unwrap(),
+        0,
+        "close_notify from gateway"
+    );
+    assert!(!w.s.is_finished());
+    c.writer().write_all(b"late upload").unwrap();
+    w.pump_client(&mut c);
+    assert_eq!(w.backend_got, b"late upload");
+    c.send_close_notify();
+    w.pump_client(&mut c);
+    w.c_fin = true;
+    w.run();
+    assert!(w.backend_eof);
+    assert!(w.s.is_finished());
+}
+
+#[test]
+fn client_fin_without_close_notify_ends_upstream() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS12);
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"abc").unwrap();
+    w.pump_client(&mut c);
+    w.c_fin = true;
+    w.run();
+    assert_eq!(w.backend_got, b"abc");
+    assert!(w.backend_eof);
+    assert!(!w.s.stats().client_close_notify);
+}
+
+#[test]
+fn handshake_timeout_fires() {
+    let pki = pki();
+    let mut cfg = config(&pki);
+    cfg.handshake_timeout = Duration::from_secs(1);
+    let mut w = World::new(cfg);
+    w.run();
+    w.s.tick(w.now + Duration::from_millis(900));
+    assert!(!w.s.wants_cancel() && !w.s.is_finished());
+    w.s.tick(w.now + Duration::from_millis(1100));
+    assert!(w.s.wants_cancel(), "recv still in flight must be cancelled");
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::HandshakeTimeout));
+}
+
+#[test]
+fn idle_timeout_sends_close_notify() {
+    let pki = pki();
+    let mut cfg = config(&pki);
+    cfg.idle_timeout = Duration::from_secs(5);
+    let mut w = World::new(cfg);
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    w.s.tick(w.now + Duration::from_secs(6));
+    w.pump_client(&mut c);
+    let mut buf = [0u8; 4];
+    assert_eq!(
+        c.reader().read(&mut buf).unwrap(),
+        0,
+        "close_notify on idle timeout"
+    );
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::IdleTimeout));
+}
+
+#[test]
+fn bad_client_hello_gets_alert() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    // A handshake record whose body is not a ClientHello.
+    w.c2g
+        .extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x04, 0x0f, 0x00, 0x00, 0x00]);
+    w.run();
+    // An alert record (content type 21) went to the client.
+    assert_eq!(w.g2c.first(), Some(&0x15), "{:?}", w.g2c);
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert!(matches!(
+        w.s.close_reason(),
+        Some(CloseReason::HandshakeFailed(_))
+    ));
+    assert_eq!(w.connects, 0);
+}
+
+#[test]
+fn pipelined_data_behind_finished_is_relayed() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    // Let the client produce ClientHello, get the server flight, then write
+    // Finished and app data in one go before the gateway runs again.
+    while c.wants_write() {
+        c.write_tls(&mut w.c2g).unwrap();
+    }
+    w.run();
+    let mut slice = &w.g2c[..];
+    let n = c.read_tls(&mut slice).unwrap();
+    w.g2c.drain(..n);
+    c.process_new_packets().unwrap();
+    c.writer().write_all(b"pipelined").unwrap();
+    while c.wants_write() {
+        c.write_tls(&mut w.c2g).unwrap();
+    }
+    w.run();
+    assert_eq!(w.backend_got, b"pipelined");
+}

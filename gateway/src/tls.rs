@@ -1,0 +1,200 @@
+//! Building rustls server configurations from PEM files and the TLS policy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, SupportedProtocolVersion};
+
+use crate::config::{ConfigError, TlsPolicy};
+
+/// Problems with certificate or key files. Messages name the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate file {path}: {message}")]
+    Cert { path: PathBuf, message: String },
+    #[error("key file {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("certificate {cert} and key {key} do not belong together: {message}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
+    #[error("TLS settings: {0}")]
+    Policy(#[from] ConfigError),
+}
+
+/// The protocol versions a policy names.
+fn versions(policy: &TlsPolicy) -> Result<Vec<&'static SupportedProtocolVersion>, ConfigError> {
+    let mut out = Vec::new();
+    for v in &policy.versions {
+        let version = match v.as_str() {
+            "1.2" => &rustls::version::TLS12,
+            "1.3" => &rustls::version::TLS13,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "tls.versions".into(),
+                    message: format!(
+                        "unsupported TLS version \"{other}\" (use \"1.2\" and/or \"1.3\")"
+                    ),
+                })
+            }
+        };
+        if !out.contains(&version) {
+            out.push(version);
+        }
+    }
+    if out.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "tls.versions".into(),
+            message: "at least one version is required".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// The crypto provider restricted to the policy's cipher suites.
+fn provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if !policy.cipher_suites.is_empty() {
+        let mut chosen = Vec::new();
+        for name in &policy.cipher_suites {
+            let found = provider
+                .cipher_suites
+                .iter()
+                .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name));
+            match found {
+                Some(s) => chosen.push(*s),
+                None => {
+                    let known: Vec<String> = provider
+                        .cipher_suites
+                        .iter()
+                        .map(|s| format!("{:?}", s.suite()))
+                        .collect();
+                    return Err(ConfigError::Invalid {
+                        key: "tls.cipher_suites".into(),
+                        message: format!("unknown suite \"{name}\"; known: {}", known.join(", ")),
+                    });
+                }
+            }
+        }
+        provider.cipher_suites = chosen;
+    }
+    Ok(provider)
+}
+
+/// Validates the policy alone (versions, suite names, ALPN), for
+/// `check-config` and start-up.
+pub fn check_policy(policy: &TlsPolicy) -> Result<(), ConfigError> {
+    let versions = versions(policy)?;
+    let provider = provider(policy)?;
+    for v in &versions {
+        if !provider.cipher_suites.iter().any(|s| s.version() == *v) {
+            return Err(ConfigError::Invalid {
+                key: "tls.cipher_suites".into(),
+                message: format!("no suite left for TLS {:?}", v.version),
+            });
+        }
+    }
+    for (i, p) in policy.alpn.iter().enumerate() {
+        if p.is_empty() || p.len() > 255 {
+            return Err(ConfigError::Invalid {
+                key: format!("tls.alpn[{i}]"),
+                message: "must be 1 to 255 bytes".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads a PEM certificate chain (leaf first).
+pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let err = |message: String| CertError::Cert {
+        path: path.to_owned(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let err = |message: String| CertError::Key {
+        path: path.to_owned(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => err("no PRIVATE KEY block found".into()),
+        other => err(format!("not a valid PEM private key: {other}")),
+    })
+}
+
+/// Builds the server configuration for one listener.
+pub fn server_config(
+    policy: &TlsPolicy,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ServerConfig>, CertError> {
+    let chain = load_chain(cert)?;
+    let key_der = load_key(key)?;
+    let versions = versions(policy)?;
+    let provider = Arc::new(provider(policy)?);
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .map_err(|e| {
+            CertError::Policy(ConfigError::Invalid {
+                key: "tls".into(),
+                message: e.to_string(),
+            })
+        })?
+        .with_no_client_auth();
+    // `with_single_cert` parses the key and checks that it matches the leaf
+    // certificate's public key.
+    let mut cfg = builder
+        .with_single_cert(chain, key_der)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => CertError::Mismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                message: e.to_string(),
+            },
+            other => CertError::Key {
+                path: key.to_owned(),
+                message: format!("unusable key: {other}"),
+            },
+        })?;
+    cfg.alpn_protocols = policy.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    cfg.max_early_data_size = 0;
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_suite_and_version_are_named() {
+        let mut p = TlsPolicy {
+            cipher_suites: vec!["TLS13_AES_128_GCM_SHA256".into()],
+            ..Default::default()
+        };
+        p.versions = vec!["1.3".into()];
+        check_policy(&p).unwrap();
+        p.versions = vec!["1.2".into()];
+        let e = check_policy(&p).unwrap_err().to_string();
+        assert!(e.starts_with("tls.cipher_suites"), "{e}");
+        p.cipher_suites = vec!["TLS_NOPE".into()];
+        let e = check_policy(&p).unwrap_err().to_string();
+        assert!(e.contains("TLS_NOPE"), "{e}");
+    }
+}

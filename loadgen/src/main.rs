@@ -1,0 +1,6 @@
+//! `loadgen`: placeholder home; the real tool lands with its own issue.
+
+fn main() {
+    eprintln!("loadgen: not implemented yet (see the project's issues)");
+    std::process::exit(2);
+}
