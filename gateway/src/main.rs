@@ -128,9 +128,12 @@ impl RunArgs {
 }
 
 fn init_logs(format: LogFormat, level: &str) {
+    // rustls logs some client mistakes (e.g. an IP address as SNI) at warn
+    // for every handshake: any client could flood our log with them, so
+    // they are kept to errors unless RUST_LOG says otherwise.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(format!("{level},rustls=error")))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

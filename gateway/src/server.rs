@@ -33,9 +33,9 @@ pub enum StartError {
         backend: String,
         source: std::io::Error,
     },
-    #[error("io_uring is not available: {0} (Linux 6.1 or newer is required; check kernel.io_uring_disabled and seccomp)")]
+    #[error("io_uring is not available: {0} (Linux 5.19 or newer is required; check the kernel.io_uring_disabled sysctl and seccomp filters)")]
     Uring(std::io::Error),
-    #[error("this kernel's io_uring lacks {0}; Linux 6.1 or newer is required")]
+    #[error("this kernel's io_uring lacks {0}; Linux 5.19 or newer is required")]
     UringOpcodes(String),
     #[error("cannot start worker thread: {0}")]
     Thread(std::io::Error),
@@ -64,6 +64,7 @@ impl Gateway {
             Err(e) => return Err(StartError::Uring(e)),
         }
         let workers = cfg.worker_count();
+        raise_nofile_limit();
         let mut prepared = Vec::new();
         for l in &listeners {
             prepared.push(prepare_listener(cfg, l)?);
@@ -247,4 +248,25 @@ fn eventfd() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Every connection holds two descriptors: raise the soft `RLIMIT_NOFILE` to
+/// the hard limit, as servers do, so the default soft limit of 1024 does
+/// not cap the gateway at ~500 connections.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(from = old, to = lim.rlim_max, "raised RLIMIT_NOFILE");
+        }
+    }
 }

@@ -486,39 +486,45 @@ impl Session {
         self.pump(now);
     }
 
-    /// Checks the session's timers.
-    pub fn tick(&mut self, now: Instant) {
+    /// Checks the session's timers. Returns whether one fired (and so the
+    /// driver should look for new I/O); cheap when none did.
+    pub fn tick(&mut self, now: Instant) -> bool {
+        let since_start = now.duration_since(self.created);
         match self.phase {
-            Phase::Done => return,
+            Phase::Done => return false,
             Phase::Sniff | Phase::Handshake => {
-                if now.duration_since(self.created) >= self.cfg.handshake_timeout {
-                    self.finish(CloseReason::HandshakeTimeout);
-                    return;
+                if since_start < self.cfg.handshake_timeout {
+                    return false;
                 }
+                self.finish(CloseReason::HandshakeTimeout);
+                return true;
             }
             Phase::Reject => {
-                if self.linger_until.is_some_and(|t| now >= t)
-                    || now.duration_since(self.created) >= self.cfg.handshake_timeout + LINGER
-                {
-                    self.finish(CloseReason::PlaintextHttp);
-                    return;
+                let lingered = self.linger_until.is_some_and(|t| now >= t);
+                if !lingered && since_start < self.cfg.handshake_timeout + LINGER {
+                    return false;
                 }
+                self.finish(CloseReason::PlaintextHttp);
+                return true;
             }
             Phase::Relay => {
-                if self.backend == Backend::Connecting
+                let connect_expired = self.backend == Backend::Connecting
                     && self
                         .connect_started
-                        .is_some_and(|t| now.duration_since(t) >= self.cfg.backend_connect_timeout)
-                {
+                        .is_some_and(|t| now.duration_since(t) >= self.cfg.backend_connect_timeout);
+                if connect_expired {
                     // The connect op is cancelled by the driver once we are
-                    // done; treat the backend as gone now.
+                    // done; the backend is gone as of now.
                     self.backend_failed(CloseReason::BackendConnectTimeout);
                 } else if now.duration_since(self.last_activity) >= self.cfg.idle_timeout {
                     self.close_gracefully(CloseReason::IdleTimeout);
+                } else {
+                    return false;
                 }
             }
         }
         self.pump(now);
+        true
     }
 
     // ------------------------------------------------------------------

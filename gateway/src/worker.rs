@@ -407,8 +407,8 @@ impl Worker {
             if let Some(conn) = self.conns.get_mut(key) {
                 if force {
                     conn.session.abort(CloseReason::Shutdown);
-                } else {
-                    conn.session.tick(now);
+                } else if !conn.session.tick(now) {
+                    continue;
                 }
                 self.drive(key, now);
             }
