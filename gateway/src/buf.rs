@@ -30,9 +30,16 @@ pub struct Buf {
 unsafe impl Send for Buf {}
 
 impl Buf {
-    /// Allocates a zeroed buffer of `cap` bytes (`cap` > 0).
+    /// Allocates a zeroed buffer of `cap` bytes (none for `cap` 0).
     pub fn new(cap: usize) -> Self {
-        let cap = cap.max(1);
+        if cap == 0 {
+            return Self {
+                ptr: NonNull::dangling(),
+                cap: 0,
+                head: 0,
+                tail: 0,
+            };
+        }
         let boxed: Box<[u8]> = vec![0u8; cap].into_boxed_slice();
         let raw = Box::into_raw(boxed) as *mut u8;
         // SAFETY: `Box::into_raw` never returns null.
@@ -165,6 +172,9 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if self.cap == 0 {
+            return;
+        }
         let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.cap);
         // SAFETY: the pointer came from `Box::<[u8]>::into_raw` with exactly
         // this length, and is dropped once.
@@ -205,6 +215,14 @@ mod tests {
         assert_eq!(b.spare_len(), 5, "consume never moves the free space");
         b.compact();
         assert_eq!(b.spare_len(), 8, "compacting an empty buffer rewinds it");
+    }
+
+    #[test]
+    fn zero_capacity_allocates_nothing() {
+        let mut b = Buf::new(0);
+        assert_eq!(b.spare_len(), 0);
+        assert!(b.filled().is_empty());
+        assert_eq!(b.push_compacting(b"x"), 0);
     }
 
     #[test]

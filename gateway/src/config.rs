@@ -42,6 +42,9 @@ pub struct ServerSection {
     pub ring_entries: u32,
     /// `listen(2)` backlog per listener socket.
     pub backlog: i32,
+    /// Kernel TLS offload: `auto` (when the kernel supports it), `require`
+    /// (refuse to start without it), `off`.
+    pub ktls: crate::offload::KtlsMode,
 }
 
 impl Default for ServerSection {
@@ -52,6 +55,7 @@ impl Default for ServerSection {
             max_connections_per_worker: 16_384,
             ring_entries: 4096,
             backlog: 4096,
+            ktls: crate::offload::KtlsMode::Auto,
         }
     }
 }
@@ -205,6 +209,7 @@ pub struct Overrides {
     pub tls_versions: Option<Vec<String>>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    pub ktls: Option<crate::offload::KtlsMode>,
 }
 
 impl Config {
@@ -279,6 +284,9 @@ impl Config {
         }
         if let Some(v) = o.log_level {
             self.log.level = v;
+        }
+        if let Some(v) = o.ktls {
+            self.server.ktls = v;
         }
         Ok(())
     }

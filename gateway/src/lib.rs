@@ -11,11 +11,13 @@
 //! - [`server`]: binding, starting workers, draining.
 //! - [`metrics`]: lock-free per-worker counters.
 //! - [`notify`]: systemd readiness notification.
+//! - [`offload`]: kernel TLS support detection and the `ktls` setting.
 
 pub mod buf;
 pub mod config;
 pub mod metrics;
 pub mod notify;
+pub mod offload;
 pub mod server;
 pub mod session;
 pub mod sniff;

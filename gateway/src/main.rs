@@ -87,6 +87,10 @@ struct RunArgs {
     /// Log filter: error, warn, info, debug, trace (or a tracing filter).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Kernel TLS offload: auto (when the kernel supports it), require
+    /// (refuse to start without it), off (records in user space).
+    #[arg(long, value_name = "MODE")]
+    ktls: Option<gateway::offload::KtlsMode>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -114,6 +118,7 @@ impl RunArgs {
                 LogFormatArg::Json => LogFormat::Json,
             }),
             log_level: self.log_level.clone(),
+            ktls: self.ktls,
         }
     }
 
@@ -162,7 +167,7 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     let cfg = Config::from_file(file)?;
     let listeners = cfg.validate()?;
     for l in &listeners {
-        gateway::tls::server_config(&cfg.tls, &l.cert, &l.key)?;
+        gateway::tls::server_config(&cfg.tls, &l.cert, &l.key, false)?;
     }
     println!(
         "{}: OK ({} listener{}, {} worker{})",
@@ -182,14 +187,12 @@ fn serve(args: &RunArgs) -> Result<()> {
     gateway::notify::notify("READY=1");
     wait_for_signals(&gw, cfg.timeouts.drain)?;
     let snap = gw.join().context("worker failed")?;
-    info!(
-        accepted = snap.accepted,
-        handshakes = snap.handshakes,
-        closed = snap.closed,
-        bytes_up = snap.bytes_up,
-        bytes_down = snap.bytes_down,
-        "stopped"
-    );
+    let counters: Vec<String> = snap
+        .pairs()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    info!(counters = %counters.join(" "), "stopped");
     Ok(())
 }
 

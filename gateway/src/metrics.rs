@@ -54,6 +54,11 @@ counters! {
     bytes_up: "Plaintext bytes relayed client to backend.",
     bytes_down: "Plaintext bytes relayed backend to client.",
     userspace_path: "Connections relayed with user-space TLS records (no kTLS).",
+    ktls_connections: "Connections whose records went through kernel TLS.",
+    ktls_failures: "Connections lost because kernel TLS could not take them over.",
+    ktls_closes: "kTLS connections closed for a kernel TLS reason (no rekey support, decrypt error...).",
+    spliced_up: "Bytes moved client to backend with splice (kernel TLS).",
+    spliced_down: "Bytes moved backend to client with splice (kernel TLS).",
 }
 
 impl WorkerMetrics {
@@ -76,6 +81,8 @@ impl WorkerMetrics {
             Some(CloseReason::ClientError(_)) => Some(&self.client_errors),
             Some(CloseReason::IdleTimeout) => Some(&self.idle_timeouts),
             Some(CloseReason::Shutdown) => Some(&self.shutdown_closes),
+            Some(CloseReason::KtlsFailed(_)) => Some(&self.ktls_failures),
+            Some(CloseReason::KtlsClosed(_)) => Some(&self.ktls_closes),
         };
         if let Some(c) = counter {
             Self::inc(c);

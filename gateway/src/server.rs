@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Listener};
 use crate::metrics::{self, Snapshot, WorkerMetrics};
+use crate::offload::{KtlsMode, KtlsSupport};
 use crate::session::SessionConfig;
 use crate::worker::{self, BackendTarget, Control, WorkerListener, WorkerParams};
 
@@ -41,6 +42,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("ktls = \"require\" but kernel TLS is not usable on this host: {0}")]
+    KtlsRequired(String),
 }
 
 /// A running gateway: its workers, their counters and the drain switch.
@@ -65,9 +68,10 @@ impl Gateway {
         }
         let workers = cfg.worker_count();
         raise_nofile_limit();
+        let ktls = resolve_ktls(cfg.server.ktls)?;
         let mut prepared = Vec::new();
         for l in &listeners {
-            prepared.push(prepare_listener(cfg, l)?);
+            prepared.push(prepare_listener(cfg, l, ktls.clone())?);
         }
         // Bind one socket per worker per listener. With port 0 the first
         // bind picks the port and the others reuse it.
@@ -144,7 +148,8 @@ impl Gateway {
                 backend = %l.backend,
                 cert = %l.cert.display(),
                 workers,
-                "listening (TLS records in user space: kernel TLS offload is not enabled in this build)"
+                ktls = if ktls.is_some() { "offload" } else { "off: records in user space" },
+                "listening"
             );
         }
         Ok(Gateway {
@@ -209,11 +214,39 @@ impl Gateway {
     }
 }
 
+/// Decides once, at start, whether connections move to kernel TLS.
+fn resolve_ktls(mode: KtlsMode) -> Result<Option<Arc<KtlsSupport>>, StartError> {
+    match mode {
+        KtlsMode::Off => {
+            info!("kernel TLS offload off (ktls = \"off\"): TLS records are relayed in user space");
+            Ok(None)
+        }
+        KtlsMode::Auto => match crate::offload::detect() {
+            Ok(s) => {
+                info!(ciphers = %s.describe(), "kernel TLS offload on: records encrypted by the kernel, bytes moved with splice");
+                Ok(Some(Arc::new(s)))
+            }
+            Err(why) => {
+                warn!(reason = %why, "kernel TLS unavailable: falling back to user-space TLS records for every connection (counted as userspace_path)");
+                Ok(None)
+            }
+        },
+        KtlsMode::Require => match crate::offload::detect() {
+            Ok(s) => {
+                info!(ciphers = %s.describe(), "kernel TLS offload on (required)");
+                Ok(Some(Arc::new(s)))
+            }
+            Err(why) => Err(StartError::KtlsRequired(why)),
+        },
+    }
+}
+
 fn prepare_listener(
     cfg: &Config,
     l: &Listener,
+    ktls: Option<Arc<KtlsSupport>>,
 ) -> Result<(SessionConfig, Arc<BackendTarget>), StartError> {
-    let tls = crate::tls::server_config(&cfg.tls, &l.cert, &l.key)?;
+    let tls = crate::tls::server_config(&cfg.tls, &l.cert, &l.key, ktls.is_some())?;
     let backend = BackendTarget::new(&l.backend).map_err(|source| StartError::Backend {
         backend: l.backend.to_string(),
         source,
@@ -224,6 +257,7 @@ fn prepare_listener(
         handshake_timeout: cfg.timeouts.handshake,
         idle_timeout: cfg.timeouts.idle,
         backend_connect_timeout: cfg.timeouts.backend_connect,
+        ktls,
     };
     Ok((session, Arc::new(backend)))
 }

@@ -56,6 +56,9 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub backend_connect_timeout: Duration,
+    /// Kernel TLS offload: what the kernel supports, or `None` for the
+    /// user-space record path only.
+    pub ktls: Option<Arc<crate::offload::KtlsSupport>>,
 }
 
 /// One I/O operation the session wants performed.
@@ -75,6 +78,38 @@ pub enum Io {
     BackendSend { ptr: *const u8, len: usize },
     /// `shutdown(SHUT_WR)` the backend socket.
     BackendShutdown,
+    /// Move the client connection's record layer into the kernel: the
+    /// driver takes the rustls connection with
+    /// [`Session::take_tls_for_offload`] and installs its keys.
+    Offload,
+    /// Wait until the client (kTLS) socket has a record to read.
+    ClientPollIn,
+    /// Wait until the backend socket is readable.
+    BackendPollIn,
+    /// Wait until the client socket is writable.
+    ClientPollOut,
+    /// Wait until the backend socket is writable.
+    BackendPollOut,
+    /// `splice` up to `len` bytes from the direction's source socket into
+    /// its pipe.
+    SpliceIn { dir: Dir, len: usize },
+    /// `splice` up to `len` bytes from the direction's pipe into its
+    /// destination socket.
+    SpliceOut { dir: Dir, len: usize },
+    /// Read one non-data record from the kTLS client socket and act on it;
+    /// report with [`Session::control`].
+    ClientControl,
+    /// Send close_notify on the kTLS client socket.
+    CloseNotify,
+}
+
+/// A relay direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to backend.
+    Up,
+    /// Backend to client.
+    Down,
 }
 
 impl Io {
@@ -88,6 +123,17 @@ impl Io {
             Io::BackendRecv { .. } => OpKind::BackendRecv,
             Io::BackendSend { .. } => OpKind::BackendSend,
             Io::BackendShutdown => OpKind::BackendShutdown,
+            Io::Offload => OpKind::Offload,
+            Io::ClientPollIn => OpKind::ClientPollIn,
+            Io::BackendPollIn => OpKind::BackendPollIn,
+            Io::ClientPollOut => OpKind::ClientPollOut,
+            Io::BackendPollOut => OpKind::BackendPollOut,
+            Io::SpliceIn { dir: Dir::Up, .. } => OpKind::SpliceUpIn,
+            Io::SpliceOut { dir: Dir::Up, .. } => OpKind::SpliceUpOut,
+            Io::SpliceIn { dir: Dir::Down, .. } => OpKind::SpliceDownIn,
+            Io::SpliceOut { dir: Dir::Down, .. } => OpKind::SpliceDownOut,
+            Io::ClientControl => OpKind::ClientControl,
+            Io::CloseNotify => OpKind::CloseNotify,
         }
     }
 }
@@ -103,10 +149,21 @@ pub enum OpKind {
     BackendRecv = 4,
     BackendSend = 5,
     BackendShutdown = 6,
+    Offload = 7,
+    ClientPollIn = 8,
+    BackendPollIn = 9,
+    ClientPollOut = 10,
+    BackendPollOut = 11,
+    SpliceUpIn = 12,
+    SpliceUpOut = 13,
+    SpliceDownIn = 14,
+    SpliceDownOut = 15,
+    ClientControl = 16,
+    CloseNotify = 17,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 7] = [
+    pub const ALL: [OpKind; 18] = [
         OpKind::ClientRecv,
         OpKind::ClientSend,
         OpKind::ClientShutdown,
@@ -114,9 +171,20 @@ impl OpKind {
         OpKind::BackendRecv,
         OpKind::BackendSend,
         OpKind::BackendShutdown,
+        OpKind::Offload,
+        OpKind::ClientPollIn,
+        OpKind::BackendPollIn,
+        OpKind::ClientPollOut,
+        OpKind::BackendPollOut,
+        OpKind::SpliceUpIn,
+        OpKind::SpliceUpOut,
+        OpKind::SpliceDownIn,
+        OpKind::SpliceDownOut,
+        OpKind::ClientControl,
+        OpKind::CloseNotify,
     ];
 
-    fn bit(self) -> u8 {
+    pub fn bit(self) -> u32 {
         1 << (self as u8)
     }
 
@@ -155,6 +223,10 @@ pub enum CloseReason {
     IdleTimeout,
     #[error("closed by gateway shutdown")]
     Shutdown,
+    #[error("kernel TLS offload failed: {0}")]
+    KtlsFailed(String),
+    #[error("kernel TLS: {0}")]
+    KtlsClosed(String),
 }
 
 impl CloseReason {
@@ -174,6 +246,8 @@ impl CloseReason {
             CloseReason::ClientError(_) => "client_error",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::KtlsFailed(_) => "ktls_failed",
+            CloseReason::KtlsClosed(_) => "ktls_closed",
         }
     }
 }
@@ -218,6 +292,18 @@ enum Phase {
     Done,
 }
 
+/// Who handles TLS records after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// rustls, in user space.
+    User,
+    /// Handshake done; waiting for the backend and a quiet socket, then
+    /// the record layer moves to the kernel.
+    PendingOffload,
+    /// The kernel (kTLS); bytes move with splice.
+    Kernel,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Idle,
@@ -240,6 +326,11 @@ pub struct SessionStats {
     pub client_close_notify: bool,
     /// Whether a 502 answer was sent.
     pub sent_502: bool,
+    /// Whether records went through kernel TLS (vs. rustls in user space).
+    pub ktls: bool,
+    /// Of `bytes_up`/`bytes_down`, those moved with splice (kernel TLS).
+    pub spliced_up: u64,
+    pub spliced_down: u64,
 }
 
 /// One client connection's protocol state.
@@ -257,7 +348,7 @@ pub struct Session {
     up: Buf,
     /// Plaintext backend → client.
     down: Buf,
-    in_flight: u8,
+    in_flight: u32,
     backend: Backend,
     /// The client's TCP stream reached EOF.
     client_tcp_eof: bool,
@@ -279,6 +370,10 @@ pub struct Session {
     handshake_duration: Option<Duration>,
     /// rustls reported a fatal error: only its alert remains to be sent.
     tls_dead: bool,
+    /// Who encrypts records once the handshake is done.
+    mode: Mode,
+    /// Splice relay state, once offloaded.
+    kernel: kernel::KernelRelay,
     reason: Option<CloseReason>,
     stats: SessionStats,
 }
@@ -311,13 +406,15 @@ impl Session {
             linger_until: None,
             handshake_duration: None,
             tls_dead: false,
+            mode: Mode::User,
+            kernel: kernel::KernelRelay::default(),
             reason: None,
             stats: SessionStats::default(),
         }
     }
 
     /// Operations currently in flight (bit per [`OpKind`]).
-    pub fn in_flight(&self) -> u8 {
+    pub fn in_flight(&self) -> u32 {
         self.in_flight
     }
 
@@ -394,6 +491,9 @@ impl Session {
     }
 
     fn next_io(&mut self) -> Option<Io> {
+        if self.mode == Mode::Kernel {
+            return self.next_io_kernel();
+        }
         // Client send: whatever is queued for the client.
         if self.idle(OpKind::ClientSend) && !self.tls_out.is_empty() && !self.client_wr_shut {
             let (ptr, len) = self.tls_out.filled_raw();
@@ -410,13 +510,15 @@ impl Session {
             self.client_wr_shut = true;
             return Some(Io::ClientShutdown);
         }
-        // Client receive.
-        if self.idle(OpKind::ClientRecv) && !self.client_tcp_eof {
+        // Client receive (none while the record layer is about to move
+        // into the kernel: those bytes are the kernel's to decrypt).
+        if self.idle(OpKind::ClientRecv) && !self.client_tcp_eof && self.mode == Mode::User {
             if self.tls_in.spare_len() < MAX_RECORD_PLAINTEXT {
                 self.tls_in.compact();
             }
-            if self.tls_in.spare_len() > 0 {
-                let (ptr, len) = self.tls_in.spare_raw();
+            let len = self.client_recv_len();
+            if len > 0 {
+                let (ptr, _) = self.tls_in.spare_raw();
                 return Some(Io::ClientRecv { ptr, len });
             }
         }
@@ -430,6 +532,9 @@ impl Session {
             }
             Backend::Connected => {}
             _ => return None,
+        }
+        if self.mode == Mode::PendingOffload {
+            return self.offload_when_quiet();
         }
         if self.idle(OpKind::BackendSend) && !self.up.is_empty() {
             let (ptr, len) = self.up.filled_raw();
@@ -482,6 +587,8 @@ impl Session {
             OpKind::BackendRecv => self.on_backend_recv(res),
             OpKind::BackendSend => self.on_backend_send(res),
             OpKind::BackendShutdown => {}
+            OpKind::Offload => self.on_offloaded(res),
+            _ => self.on_kernel_complete(kind, res),
         }
         self.pump(now);
     }
@@ -618,6 +725,19 @@ impl Session {
     /// clean close (close_notify). The decision may have to wait for the
     /// client's first bytes.
     fn backend_failed(&mut self, reason: CloseReason) {
+        if self.mode == Mode::PendingOffload {
+            // rustls still holds the connection: answer (502 or close) in
+            // user space.
+            self.mode = Mode::User;
+        }
+        if self.mode == Mode::Kernel {
+            self.backend = Backend::Gone;
+            if self.reason.is_none() {
+                self.reason = Some(reason);
+            }
+            self.kernel_close_gracefully();
+            return;
+        }
         self.backend = Backend::Gone;
         if self.reason.is_none() {
             self.reason = Some(reason);
@@ -652,7 +772,11 @@ impl Session {
         if self.reason.is_none() {
             self.reason = Some(reason);
         }
-        self.close_gracefully_keep_reason();
+        if self.mode == Mode::Kernel {
+            self.kernel_close_gracefully();
+        } else {
+            self.close_gracefully_keep_reason();
+        }
     }
 
     /// Stop relaying: send close_notify, then close. Plaintext not yet
@@ -676,11 +800,18 @@ impl Session {
         if self.phase == Phase::Sniff {
             self.pump_sniff();
         }
-        if matches!(self.phase, Phase::Handshake | Phase::Relay) && !self.tls_dead {
+        if matches!(self.phase, Phase::Handshake | Phase::Relay)
+            && !self.tls_dead
+            && self.mode != Mode::Kernel
+        {
             self.pump_tls(now);
         }
         if self.phase == Phase::Relay {
-            self.check_relay_done();
+            if self.mode == Mode::Kernel {
+                self.check_kernel_done();
+            } else {
+                self.check_relay_done();
+            }
         }
         if self.phase == Phase::Reject && self.client_tcp_eof && self.tls_out.is_empty() {
             self.finish(CloseReason::PlaintextHttp);
@@ -723,6 +854,9 @@ impl Session {
     fn pump_tls(&mut self, now: Instant) {
         // Bounded: each iteration either makes progress or breaks.
         for _ in 0..10_000 {
+            // Known before the call that completes the handshake: the suite
+            // was chosen when the ClientHello was processed.
+            let offload = self.phase == Phase::Handshake && self.offload_possible();
             let Some(tls) = self.tls.as_mut() else {
                 return;
             };
@@ -821,6 +955,9 @@ impl Session {
                 ConnectionState::WriteTraffic(mut wt) => {
                     if self.phase == Phase::Handshake {
                         self.phase = Phase::Relay;
+                        if offload {
+                            self.mode = Mode::PendingOffload;
+                        }
                         self.stats.handshake_done = true;
                         self.handshake_duration = Some(now.duration_since(self.created));
                         self.last_activity = now;
@@ -1075,5 +1212,7 @@ impl Buf {
     }
 }
 
+mod kernel;
+pub use kernel::{ControlEvent, PIPE_CAP};
 #[cfg(test)]
 mod tests;

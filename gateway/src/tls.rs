@@ -140,10 +140,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 }
 
 /// Builds the server configuration for one listener.
+/// `secret_extraction`: allow handing the keys to kernel TLS after the
+/// handshake.
 pub fn server_config(
     policy: &TlsPolicy,
     cert: &Path,
     key: &Path,
+    secret_extraction: bool,
 ) -> Result<Arc<ServerConfig>, CertError> {
     let chain = load_chain(cert)?;
     let key_der = load_key(key)?;
@@ -175,6 +178,7 @@ pub fn server_config(
         })?;
     cfg.alpn_protocols = policy.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     cfg.max_early_data_size = 0;
+    cfg.enable_secret_extraction = secret_extraction;
     Ok(Arc::new(cfg))
 }
 

@@ -11,7 +11,7 @@
 //! only when its session has no operation in flight, so a completion never
 //! reaches a reused key.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +23,20 @@ use tracing::{debug, info, warn};
 
 use crate::config::BackendAddr;
 use crate::metrics::WorkerMetrics;
-use crate::session::{CloseReason, Io, OpKind, Session, SessionConfig};
+use crate::session::{
+    CloseReason, ControlEvent, Dir, Io, OpKind, Session, SessionConfig, PIPE_CAP,
+};
 use crate::uring::{new_ring, RingFlavor};
+use ktls_setup::KtlsConn;
+use rustls::server::ServerConnectionData;
 
-const TAG_ACCEPT: u64 = 16;
-const TAG_TICK: u64 = 17;
-const TAG_WAKE: u64 = 18;
-const TAG_CANCEL: u64 = 19;
+// Tags below 0x80 are `OpKind`s.
+const TAG_ACCEPT: u64 = 0x80;
+const TAG_TICK: u64 = 0x81;
+const TAG_WAKE: u64 = 0x82;
+const TAG_CANCEL: u64 = 0x83;
+/// Pipes kept for reuse per worker; more are closed when released.
+const PIPE_POOL_MAX: usize = 1024;
 
 /// Timer resolution for handshake, idle and drain deadlines.
 const TICK: Duration = Duration::from_millis(100);
@@ -115,6 +122,39 @@ struct Conn {
     handshake_counted: bool,
     accepted_at: Instant,
     peer: Option<std::net::SocketAddr>,
+    /// Kernel TLS state once the record layer moved into the kernel.
+    ktls: Option<KtlsConn<ServerConnectionData>>,
+    /// Pipes held while bytes are in flight: [up, down].
+    pipes: [Option<Pipe>; 2],
+}
+
+/// A pipe for splice: (read end, write end).
+struct Pipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> std::io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` is a valid out-array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 returned two new descriptors that nothing else owns.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Best effort: a smaller pipe only means shorter splices.
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAP as libc::c_int) };
+        Ok(Pipe { rd, wr })
+    }
+}
+
+fn dir_index(d: Dir) -> usize {
+    match d {
+        Dir::Up => 0,
+        Dir::Down => 1,
+    }
 }
 
 /// At most one log line per second per category; counts what it held back.
@@ -146,6 +186,7 @@ struct Limits {
     backend: RateLimit,
     accept: RateLimit,
     full: RateLimit,
+    ktls: RateLimit,
 }
 
 struct Worker {
@@ -165,6 +206,9 @@ struct Worker {
     control: Arc<Control>,
     logs: Limits,
     keys: Vec<usize>,
+    pipes: Vec<Pipe>,
+    /// Scratch space for kTLS control records.
+    control_buf: Box<[u8]>,
 }
 
 /// Runs a worker until it has drained. Call on the worker's own thread.
@@ -206,6 +250,8 @@ pub fn run(p: WorkerParams) -> std::io::Result<()> {
         control: p.control,
         logs: Limits::default(),
         keys: Vec::new(),
+        pipes: Vec::new(),
+        control_buf: vec![0u8; 17 * 1024].into_boxed_slice(),
     };
     w.run()
 }
@@ -277,6 +323,9 @@ impl Worker {
             TAG_CANCEL => {}
             t => match (OpKind::from_u8(t as u8), self.conns.get_mut(key)) {
                 (Some(kind), Some(conn)) => {
+                    if kind == OpKind::SpliceDownOut && res > 0 {
+                        account_sent(conn, res as u64, now);
+                    }
                     conn.session.complete(kind, res, now);
                     self.drive(key, now);
                 }
@@ -378,6 +427,8 @@ impl Worker {
             handshake_counted: false,
             accepted_at: now,
             peer,
+            ktls: None,
+            pipes: [None, None],
         });
         WorkerMetrics::inc(&self.metrics.accepted);
         WorkerMetrics::inc(&self.metrics.active);
@@ -514,6 +565,91 @@ impl Worker {
                         continue;
                     }
                 },
+                Io::Offload => {
+                    let res = offload(conn);
+                    if let Err(e) = &res {
+                        if let Some(skipped) = self.logs.ktls.allow(now) {
+                            warn!(worker = self.id, conn = key, error = %e, skipped, "kernel TLS offload failed; closing the connection");
+                        }
+                    }
+                    conn.session
+                        .complete(kind, if res.is_ok() { 0 } else { -libc::EIO }, now);
+                    continue;
+                }
+                Io::ClientPollIn => poll(client, libc::POLLIN),
+                Io::ClientPollOut => poll(client, libc::POLLOUT),
+                Io::BackendPollIn | Io::BackendPollOut => match backend {
+                    Some(fd) => poll(
+                        fd,
+                        if io == Io::BackendPollIn {
+                            libc::POLLIN
+                        } else {
+                            libc::POLLOUT
+                        },
+                    ),
+                    None => {
+                        conn.session.complete(kind, -libc::ENOTCONN, now);
+                        continue;
+                    }
+                },
+                Io::SpliceIn { dir, len } | Io::SpliceOut { dir, len } => {
+                    let slot = &mut conn.pipes[dir_index(dir)];
+                    if slot.is_none() {
+                        match self.pipes.pop().map_or_else(Pipe::new, Ok) {
+                            Ok(p) => *slot = Some(p),
+                            Err(e) => {
+                                let errno = e.raw_os_error().unwrap_or(libc::EMFILE);
+                                conn.session.complete(kind, -errno, now);
+                                continue;
+                            }
+                        }
+                    }
+                    let (Some(pipe), Some(backend)) = (slot.as_ref(), backend) else {
+                        conn.session.complete(kind, -libc::ENOTCONN, now);
+                        continue;
+                    };
+                    let (src, dst) = match (io, dir) {
+                        (Io::SpliceIn { .. }, Dir::Up) => (client, pipe.wr.as_raw_fd()),
+                        (Io::SpliceIn { .. }, Dir::Down) => (backend, pipe.wr.as_raw_fd()),
+                        (_, Dir::Up) => (pipe.rd.as_raw_fd(), backend),
+                        (_, Dir::Down) => (pipe.rd.as_raw_fd(), client),
+                    };
+                    opcode::Splice::new(
+                        types::Fd(src),
+                        -1,
+                        types::Fd(dst),
+                        -1,
+                        len.min(u32::MAX as usize) as u32,
+                    )
+                    .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+                    .build()
+                }
+                Io::ClientControl => {
+                    let ev = read_control(conn, &mut self.control_buf);
+                    if let ControlEvent::Fatal(msg) | ControlEvent::CloseCleanly(msg) = &ev {
+                        if let Some(skipped) = self.logs.ktls.allow(now) {
+                            info!(
+                                worker = self.id,
+                                conn = key,
+                                skipped,
+                                "kernel TLS connection ends: {msg}"
+                            );
+                        }
+                    }
+                    conn.session.on_control(ev, now);
+                    continue;
+                }
+                Io::CloseNotify => {
+                    let res = match conn.ktls.as_mut() {
+                        Some(k) => match k.send_close_notify(conn.client.as_fd()) {
+                            Ok(()) => 0,
+                            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                        },
+                        None => -libc::ENOTCONN,
+                    };
+                    conn.session.complete(kind, res, now);
+                    continue;
+                }
             };
             let sqe = sqe.user_data(ud(key, kind as u64));
             if let Err(e) = push(&mut self.ring, &sqe) {
@@ -533,7 +669,6 @@ impl Worker {
         if !conn.handshake_counted && conn.session.stats().handshake_done {
             conn.handshake_counted = true;
             WorkerMetrics::inc(&self.metrics.handshakes);
-            WorkerMetrics::inc(&self.metrics.userspace_path);
             if let Some((version, suite)) = conn.session.negotiated() {
                 debug!(
                     worker = self.id,
@@ -552,7 +687,7 @@ impl Worker {
             conn.cancel_sent = true;
             let in_flight = conn.session.in_flight();
             for kind in OpKind::ALL {
-                if in_flight & (1 << kind as u8) != 0 {
+                if in_flight & kind.bit() != 0 {
                     let sqe = opcode::AsyncCancel::new(ud(key, kind as u64))
                         .build()
                         .user_data(TAG_CANCEL);
@@ -566,6 +701,17 @@ impl Worker {
                                 libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR);
                             }
                         }
+                    }
+                }
+            }
+        }
+        // Pipes are held only while bytes are in flight.
+        for dir in [Dir::Up, Dir::Down] {
+            let i = dir_index(dir);
+            if conn.pipes[i].is_some() && !conn.session.needs_pipe(dir) {
+                if let Some(p) = conn.pipes[i].take() {
+                    if !conn.session.pipe_dirty(dir) && self.pipes.len() < PIPE_POOL_MAX {
+                        self.pipes.push(p);
                     }
                 }
             }
@@ -592,6 +738,19 @@ impl Worker {
         if stats.sent_502 {
             WorkerMetrics::inc(&self.metrics.responses_502);
         }
+        if stats.handshake_done {
+            if stats.ktls {
+                WorkerMetrics::inc(&self.metrics.ktls_connections);
+            } else {
+                WorkerMetrics::inc(&self.metrics.userspace_path);
+            }
+        }
+        self.metrics
+            .spliced_up
+            .fetch_add(stats.spliced_up, Ordering::Relaxed);
+        self.metrics
+            .spliced_down
+            .fetch_add(stats.spliced_down, Ordering::Relaxed);
         let backend = &self.listeners[conn.listener].backend.display;
         let peer = conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string());
         match reason {
@@ -643,4 +802,67 @@ fn open_backend(target: &BackendTarget) -> std::io::Result<Socket> {
         sock.set_tcp_nodelay(true)?;
     }
     Ok(sock)
+}
+
+fn poll(fd: libc::c_int, events: libc::c_short) -> squeue::Entry {
+    opcode::PollAdd::new(types::Fd(fd), events as u32).build()
+}
+
+/// Moves a finished handshake's record layer into the kernel.
+fn offload(conn: &mut Conn) -> Result<(), String> {
+    let tls = conn
+        .session
+        .take_tls_for_offload()
+        .ok_or("no rustls connection to offload")?;
+    let (secrets, kernel) = tls
+        .dangerous_into_kernel_connection()
+        .map_err(|e| format!("extracting secrets: {e}"))?;
+    let k = KtlsConn::offload(conn.client.as_fd(), secrets, kernel).map_err(|e| e.to_string())?;
+    conn.ktls = Some(k);
+    Ok(())
+}
+
+/// Reads the non-data record at the head of a kTLS client socket and acts
+/// on it (close_notify, KeyUpdate, alerts).
+fn read_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
+    let Some(k) = conn.ktls.as_mut() else {
+        return ControlEvent::Fatal("control record without kernel TLS".into());
+    };
+    let limit = conn.session.control_buf().len().min(scratch.len());
+    match ktls_setup::sock::recv_record(conn.client.as_fd(), &mut scratch[..limit]) {
+        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, 0)) => ControlEvent::Eof,
+        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, n)) => {
+            conn.session.control_buf()[..n].copy_from_slice(&scratch[..n]);
+            ControlEvent::Data(n)
+        }
+        Ok((typ, n)) => match k.handle_record(conn.client.as_fd(), typ, &scratch[..n]) {
+            Ok(ktls_setup::ControlOutcome::CloseNotify) => ControlEvent::CloseNotify,
+            Ok(_) => ControlEvent::Handled,
+            Err(ktls_setup::KtlsError::RekeyUnsupported) => ControlEvent::CloseCleanly(
+                "the client updated its TLS 1.3 keys (KeyUpdate) and this kernel cannot install new keys on a kTLS socket (needs Linux 6.14+); closing cleanly".into(),
+            ),
+            Err(e) => ControlEvent::Fatal(e.to_string()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ControlEvent::WouldBlock,
+        Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => {
+            ControlEvent::Fatal("a record from the client failed to decrypt".into())
+        }
+        Err(e) => ControlEvent::Fatal(format!("reading a control record: {e}")),
+    }
+}
+
+/// Counts records sent under the current key; near the suite's
+/// confidentiality limit, update the keys (TLS 1.3) or close cleanly.
+fn account_sent(conn: &mut Conn, bytes: u64, now: Instant) {
+    let Some(k) = conn.ktls.as_mut() else {
+        return;
+    };
+    if k.note_sent(bytes) {
+        if let Err(e) = k.update_tx_keys(conn.client.as_fd(), false) {
+            conn.session.kernel_error(
+                format!("confidentiality limit reached and keys cannot be updated: {e}"),
+                now,
+            );
+        }
+    }
 }

@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::*;
+use crate::session::Dir;
 
 struct Pki {
     server: Arc<rustls::ServerConfig>,
@@ -48,6 +49,7 @@ fn config(pki: &Pki) -> SessionConfig {
         handshake_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(600),
         backend_connect_timeout: Duration::from_secs(5),
+        ktls: None,
     }
 }
 
@@ -83,6 +85,15 @@ struct World {
     connects: usize,
     /// Plaintext the client has read so far.
     client_plain: Vec<u8>,
+    /// Simulated kernel TLS: after `Io::Offload`, `c2g`/`g2c` carry
+    /// plaintext (the kernel's job is assumed done).
+    offloaded: bool,
+    pipe_up: Vec<u8>,
+    pipe_down: Vec<u8>,
+    /// A non-data record waits at the head of the client stream; what
+    /// reading it yields.
+    control: Option<ControlEvent>,
+    close_notify_sent: bool,
 }
 
 impl World {
@@ -104,6 +115,11 @@ impl World {
             backend_reads: true,
             connects: 0,
             client_plain: Vec::new(),
+            offloaded: false,
+            pipe_up: Vec::new(),
+            pipe_down: Vec::new(),
+            control: None,
+            close_notify_sent: false,
         }
     }
 
@@ -116,6 +132,12 @@ impl World {
             let mut progressed = false;
             let pending = std::mem::take(&mut self.pending);
             for io in pending {
+                if io == Io::ClientControl {
+                    let ev = self.control.take().unwrap_or(ControlEvent::WouldBlock);
+                    self.s.on_control(ev, self.now);
+                    progressed = true;
+                    continue;
+                }
                 match self.try_complete(io) {
                     Some(res) => {
                         self.s.complete(io.kind(), res, self.now);
@@ -178,6 +200,45 @@ impl World {
                 self.backend_eof = true;
                 Some(0)
             }
+            Io::Offload => {
+                assert!(self.s.take_tls_for_offload().is_some());
+                self.offloaded = true;
+                Some(0)
+            }
+            Io::ClientPollIn => {
+                (!self.c2g.is_empty() || self.c_fin || self.control.is_some()).then_some(1)
+            }
+            Io::BackendPollIn => (!self.backend_out.is_empty() || self.backend_close).then_some(1),
+            Io::ClientPollOut => Some(4),
+            Io::BackendPollOut => self.backend_reads.then_some(4),
+            Io::SpliceIn { dir: Dir::Up, len } => Some(if self.control.is_some() {
+                -libc::EINVAL
+            } else {
+                move_bytes(&mut self.c2g, &mut self.pipe_up, len, self.c_fin)
+            }),
+            Io::SpliceIn {
+                dir: Dir::Down,
+                len,
+            } => Some(move_bytes(
+                &mut self.backend_out,
+                &mut self.pipe_down,
+                len,
+                self.backend_close,
+            )),
+            Io::SpliceOut { dir: Dir::Up, len } => Some(if self.backend_reads {
+                move_bytes(&mut self.pipe_up, &mut self.backend_got, len, false)
+            } else {
+                -libc::EAGAIN
+            }),
+            Io::SpliceOut {
+                dir: Dir::Down,
+                len,
+            } => Some(move_bytes(&mut self.pipe_down, &mut self.g2c, len, false)),
+            Io::CloseNotify => {
+                self.close_notify_sent = true;
+                Some(0)
+            }
+            Io::ClientControl => unreachable!("handled in run"),
             Io::BackendRecv { ptr, len } => {
                 if !self.backend_out.is_empty() {
                     let n = len.min(self.backend_out.len());
@@ -232,6 +293,17 @@ impl World {
         out.extend(read_plain(c));
         out
     }
+}
+
+/// A splice in the fake world: up to `len` bytes from `from` to `to`; 0 at
+/// EOF, `-EAGAIN` when nothing is there yet.
+fn move_bytes(from: &mut Vec<u8>, to: &mut Vec<u8>, len: usize, eof: bool) -> i32 {
+    if from.is_empty() {
+        return if eof { 0 } else { -libc::EAGAIN };
+    }
+    let n = len.min(from.len());
+    to.extend(from.drain(..n));
+    n as i32
 }
 
 fn read_plain(c: &mut ClientConnection) -> Vec<u8> {
@@ -547,4 +619,181 @@ fn pipelined_data_behind_finished_is_relayed() {
     }
     w.run();
     assert_eq!(w.backend_got, b"pipelined");
+}
+
+// ---------------------------------------------------------------------
+// Kernel TLS mode, with a simulated kernel: the session's splice relay,
+// half-closes and control records, without a kTLS-capable kernel.
+
+fn ktls_config(pki: &Pki) -> SessionConfig {
+    let mut cfg = config(pki);
+    cfg.ktls = Some(Arc::new(crate::offload::KtlsSupport::assume_all()));
+    cfg
+}
+
+/// Handshake, then the session offloads once the backend is connected.
+fn offloaded_world(
+    version: &'static rustls::SupportedProtocolVersion,
+) -> (World, ClientConnection) {
+    let pki = pki();
+    let mut w = World::new(ktls_config(&pki));
+    let mut c = client(&pki, version);
+    handshake(&mut w, &mut c);
+    w.run();
+    assert!(
+        w.offloaded,
+        "session asked for the offload after the handshake"
+    );
+    assert!(w.s.stats().ktls);
+    assert!(
+        w.g2c.is_empty(),
+        "everything rustls had to send went out before the offload"
+    );
+    (w, c)
+}
+
+#[test]
+fn ktls_splices_both_ways() {
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let (mut w, _c) = offloaded_world(version);
+        let up: Vec<u8> = (0..700_000u32).map(|i| (i * 7) as u8).collect();
+        let down: Vec<u8> = (0..900_000u32).map(|i| (i * 13) as u8).collect();
+        w.c2g.extend_from_slice(&up);
+        w.backend_out.extend_from_slice(&down);
+        w.run();
+        assert!(
+            w.backend_got == up,
+            "client bytes reach the backend in order"
+        );
+        assert!(w.g2c == down, "backend bytes reach the client in order");
+        let st = w.s.stats();
+        assert_eq!(st.spliced_up, up.len() as u64);
+        assert_eq!(st.spliced_down, down.len() as u64);
+        assert!(w.pipe_up.is_empty() && w.pipe_down.is_empty());
+        assert!(!w.s.needs_pipe(Dir::Up) || !w.s.in_flight() & (OpKind::SpliceUpIn.bit()) == 0);
+    }
+}
+
+#[test]
+fn ktls_backpressure_bounds_the_pipe() {
+    let (mut w, _c) = offloaded_world(&rustls::version::TLS13);
+    w.backend_reads = false;
+    w.c2g.extend(std::iter::repeat_n(5u8, 3 * PIPE_CAP));
+    w.run();
+    assert_eq!(w.pipe_up.len(), PIPE_CAP, "one pipe's worth taken, no more");
+    assert_eq!(
+        w.c2g.len(),
+        2 * PIPE_CAP,
+        "the rest stays in the client's socket"
+    );
+    w.backend_reads = true;
+    w.run();
+    assert_eq!(w.backend_got.len(), 3 * PIPE_CAP);
+}
+
+#[test]
+fn ktls_client_close_notify_then_backend_close() {
+    let (mut w, _c) = offloaded_world(&rustls::version::TLS13);
+    w.c2g.extend_from_slice(b"request");
+    w.run();
+    w.control = Some(ControlEvent::CloseNotify);
+    w.run();
+    assert_eq!(w.backend_got, b"request");
+    assert!(w.backend_eof, "client close_notify half-closes the backend");
+    assert!(!w.s.is_finished());
+    w.backend_out.extend_from_slice(b"answer");
+    w.backend_close = true;
+    w.run();
+    assert_eq!(w.g2c, b"answer");
+    assert!(w.close_notify_sent && w.g_fin_to_client);
+    assert!(w.s.is_finished() || w.s.wants_cancel());
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::Normal));
+}
+
+#[test]
+fn ktls_backend_closes_first_client_keeps_sending() {
+    let (mut w, _c) = offloaded_world(&rustls::version::TLS13);
+    w.backend_out.extend_from_slice(b"done");
+    w.backend_close = true;
+    w.run();
+    assert_eq!(w.g2c, b"done");
+    assert!(w.close_notify_sent, "close_notify after the backend's EOF");
+    w.c2g.extend_from_slice(b"late");
+    w.run();
+    assert_eq!(w.backend_got, b"late");
+    w.c_fin = true;
+    w.run();
+    assert!(w.backend_eof);
+    w.cancel_all();
+    assert!(w.s.is_finished());
+}
+
+#[test]
+fn ktls_unsupported_key_update_closes_cleanly() {
+    let (mut w, _c) = offloaded_world(&rustls::version::TLS13);
+    w.backend_out.extend_from_slice(b"partial");
+    w.run();
+    w.control = Some(ControlEvent::CloseCleanly("no rekey".into()));
+    w.run();
+    assert_eq!(
+        w.g2c, b"partial",
+        "what the backend sent is still delivered"
+    );
+    assert!(w.close_notify_sent && w.g_fin_to_client);
+    w.cancel_all();
+    assert!(w.s.is_finished());
+    assert!(matches!(
+        w.s.close_reason(),
+        Some(CloseReason::KtlsClosed(_))
+    ));
+}
+
+#[test]
+fn ktls_handshake_reads_stop_at_record_boundaries() {
+    let pki = pki();
+    let mut w = World::new(ktls_config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    c.writer().write_all(b"pipelined").unwrap();
+    // ClientHello, then the rest of the client's flight in one write.
+    while c.wants_write() {
+        c.write_tls(&mut w.c2g).unwrap();
+    }
+    w.run();
+    let mut slice = &w.g2c[..];
+    let n = c.read_tls(&mut slice).unwrap();
+    w.g2c.drain(..n);
+    c.process_new_packets().unwrap();
+    while c.wants_write() {
+        c.write_tls(&mut w.c2g).unwrap();
+    }
+    w.run();
+    assert!(w.s.stats().handshake_done);
+    assert!(w.offloaded);
+    // The app-data record behind Finished was left in the socket for the
+    // kernel (which our fake kernel passes through undecrypted): rustls in
+    // user space never saw it.
+    let via_kernel: Vec<u8> = [w.backend_got.clone(), w.pipe_up.clone()].concat();
+    assert_eq!(
+        via_kernel.first(),
+        Some(&0x17),
+        "{:?}",
+        &via_kernel[..via_kernel.len().min(8)]
+    );
+    assert!(!via_kernel.windows(9).any(|x| x == b"pipelined"));
+}
+
+#[test]
+fn ktls_refused_backend_still_answers_502_in_user_space() {
+    let pki = pki();
+    let mut w = World::new(ktls_config(&pki));
+    w.backend_refuses = true;
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"POST /mcp HTTP/1.1\r\n\r\n").unwrap();
+    w.pump_client(&mut c);
+    assert!(!w.offloaded, "no offload without a backend");
+    let text = String::from_utf8(w.take_plain(&mut c)).unwrap();
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
 }
