@@ -34,6 +34,9 @@ impl std::str::FromStr for KtlsMode {
 #[derive(Debug, Clone, Default)]
 pub struct KtlsSupport {
     pairs: Vec<(ProtocolVersion, Cipher)>,
+    /// The kernel can install new keys on a kTLS socket (TLS 1.3 KeyUpdate,
+    /// Linux 6.14+).
+    pub rekey: bool,
 }
 
 impl KtlsSupport {
@@ -54,7 +57,7 @@ impl KtlsSupport {
                 pairs.push((v, c));
             }
         }
-        Self { pairs }
+        Self { pairs, rekey: true }
     }
 
     /// Human-readable list, for the start-up log.
@@ -88,5 +91,8 @@ pub fn detect() -> Result<KtlsSupport, String> {
     if pairs.is_empty() {
         return Err("no cipher works with kernel TLS on this host".into());
     }
-    Ok(KtlsSupport { pairs })
+    Ok(KtlsSupport {
+        pairs,
+        rekey: report.rekey.is_ok(),
+    })
 }

@@ -324,7 +324,12 @@ impl Worker {
             t => match (OpKind::from_u8(t as u8), self.conns.get_mut(key)) {
                 (Some(kind), Some(conn)) => {
                     if kind == OpKind::SpliceDownOut && res > 0 {
-                        account_sent(conn, res as u64, now);
+                        let rekey = self.listeners[conn.listener]
+                            .session
+                            .ktls
+                            .as_ref()
+                            .is_some_and(|k| k.rekey);
+                        account_sent(conn, res as u64, rekey, now);
                     }
                     conn.session.complete(kind, res, now);
                     self.drive(key, now);
@@ -852,13 +857,21 @@ fn read_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
 }
 
 /// Counts records sent under the current key; near the suite's
-/// confidentiality limit, update the keys (TLS 1.3) or close cleanly.
-fn account_sent(conn: &mut Conn, bytes: u64, now: Instant) {
+/// confidentiality limit, update the keys (TLS 1.3, on kernels that can
+/// rekey) or close cleanly. No KeyUpdate is sent unless the kernel can
+/// install the new key: the peer would switch keys and the close_notify
+/// that follows would no longer decrypt.
+fn account_sent(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
     let Some(k) = conn.ktls.as_mut() else {
         return;
     };
     if k.note_sent(bytes) {
-        if let Err(e) = k.update_tx_keys(conn.client.as_fd(), false) {
+        if !rekey {
+            conn.session.kernel_error(
+                "confidentiality limit of the cipher suite reached and this kernel cannot update kTLS keys".into(),
+                now,
+            );
+        } else if let Err(e) = k.update_tx_keys(conn.client.as_fd(), false) {
             conn.session.kernel_error(
                 format!("confidentiality limit reached and keys cannot be updated: {e}"),
                 now,
