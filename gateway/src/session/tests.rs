@@ -287,6 +287,24 @@ impl World {
 }
 
 impl World {
+    /// ClientHello, the server's flight, then the client's Finished with
+    /// `data` right behind it in one write, before the gateway runs again.
+    fn handshake_with_pipelined_data(&mut self, c: &mut ClientConnection, data: &[u8]) {
+        while c.wants_write() {
+            c.write_tls(&mut self.c2g).unwrap();
+        }
+        self.run();
+        let mut slice = &self.g2c[..];
+        let n = c.read_tls(&mut slice).unwrap();
+        self.g2c.drain(..n);
+        c.process_new_packets().unwrap();
+        c.writer().write_all(data).unwrap();
+        while c.wants_write() {
+            c.write_tls(&mut self.c2g).unwrap();
+        }
+        self.run();
+    }
+
     /// Everything the client has read so far (taken).
     fn take_plain(&mut self, c: &mut ClientConnection) -> Vec<u8> {
         let mut out = std::mem::take(&mut self.client_plain);
@@ -603,21 +621,7 @@ fn pipelined_data_behind_finished_is_relayed() {
     let pki = pki();
     let mut w = World::new(config(&pki));
     let mut c = client(&pki, &rustls::version::TLS13);
-    // Let the client produce ClientHello, get the server flight, then write
-    // Finished and app data in one go before the gateway runs again.
-    while c.wants_write() {
-        c.write_tls(&mut w.c2g).unwrap();
-    }
-    w.run();
-    let mut slice = &w.g2c[..];
-    let n = c.read_tls(&mut slice).unwrap();
-    w.g2c.drain(..n);
-    c.process_new_packets().unwrap();
-    c.writer().write_all(b"pipelined").unwrap();
-    while c.wants_write() {
-        c.write_tls(&mut w.c2g).unwrap();
-    }
-    w.run();
+    w.handshake_with_pipelined_data(&mut c, b"pipelined");
     assert_eq!(w.backend_got, b"pipelined");
 }
 
@@ -755,20 +759,7 @@ fn ktls_handshake_reads_stop_at_record_boundaries() {
     let pki = pki();
     let mut w = World::new(ktls_config(&pki));
     let mut c = client(&pki, &rustls::version::TLS13);
-    c.writer().write_all(b"pipelined").unwrap();
-    // ClientHello, then the rest of the client's flight in one write.
-    while c.wants_write() {
-        c.write_tls(&mut w.c2g).unwrap();
-    }
-    w.run();
-    let mut slice = &w.g2c[..];
-    let n = c.read_tls(&mut slice).unwrap();
-    w.g2c.drain(..n);
-    c.process_new_packets().unwrap();
-    while c.wants_write() {
-        c.write_tls(&mut w.c2g).unwrap();
-    }
-    w.run();
+    w.handshake_with_pipelined_data(&mut c, b"pipelined");
     assert!(w.s.stats().handshake_done);
     assert!(w.offloaded);
     // The app-data record behind Finished was left in the socket for the
