@@ -23,6 +23,12 @@ pub struct Config {
     pub tls: TlsPolicy,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub reload: ReloadSection,
     /// `[[listener]]` tables.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
@@ -97,8 +103,29 @@ pub struct TlsPolicy {
     pub versions: Vec<String>,
     /// rustls suite names, e.g. `TLS13_AES_128_GCM_SHA256`; empty: all.
     pub cipher_suites: Vec<String>,
+    /// Key-exchange groups, e.g. `X25519`, `secp256r1`; empty: the defaults.
+    pub groups: Vec<String>,
     /// ALPN protocols offered to clients, in preference order.
     pub alpn: Vec<String>,
+    /// Suites a handshake is expected to end with; empty: no check.
+    pub expected_cipher_suites: Vec<String>,
+    /// What a handshake outside `expected_cipher_suites` gets: `warn` (log
+    /// and count) or `enforce` (refused with an alert).
+    pub policy: PolicyMode,
+    /// PEM bundle of the trust roots every served chain must lead to.
+    pub trust_roots: Option<PathBuf>,
+    /// CRL files (PEM or DER) consulted when certificates are loaded.
+    pub crls: Vec<PathBuf>,
+    /// Warn this long before a certificate expires.
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
+    /// Session-ticket key files (48 or 80 random bytes each, the first one
+    /// encrypts); shared by all hosts of a fleet. Empty: tickets with keys
+    /// that live in this process only.
+    pub ticket_keys: Vec<PathBuf>,
+    /// How long a session ticket stays valid.
+    #[serde(with = "humantime_serde")]
+    pub ticket_lifetime: Duration,
 }
 
 impl Default for TlsPolicy {
@@ -106,8 +133,57 @@ impl Default for TlsPolicy {
         Self {
             versions: vec!["1.2".into(), "1.3".into()],
             cipher_suites: Vec::new(),
+            groups: Vec::new(),
             alpn: vec!["http/1.1".into()],
+            expected_cipher_suites: Vec::new(),
+            policy: PolicyMode::Warn,
+            trust_roots: None,
+            crls: Vec::new(),
+            expiry_warning: Duration::from_secs(30 * 86_400),
+            ticket_keys: Vec::new(),
+            ticket_lifetime: Duration::from_secs(12 * 3600),
         }
+    }
+}
+
+/// What a policy deviation gets.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Warn,
+    Enforce,
+}
+
+/// `[audit]`: one JSON line per session.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// A file path, or `-` for stdout; unset: no audit records.
+    pub path: Option<String>,
+}
+
+/// `[admin]`: the admin HTTP API.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// `HOST:PORT` or `unix:/path`; unset: no admin API.
+    pub listen: Option<String>,
+    /// File holding the bearer token (required off loopback).
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[reload]`: certificate rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSection {
+    /// Reload when a certificate, key, CRL or ticket-key file changes.
+    pub watch: bool,
+}
+
+impl Default for ReloadSection {
+    fn default() -> Self {
+        Self { watch: true }
     }
 }
 
@@ -137,14 +213,99 @@ pub enum LogFormat {
     Json,
 }
 
-/// One `[[listener]]`: where to listen, which certificate, which backend.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[listener]]`: where to listen, which certificates, which backend.
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub listen: String,
+    /// Shorthand for a single certificate (the default one).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// `[[listener.certs]]`: several certificates chosen by SNI.
+    #[serde(default)]
+    pub certs: Vec<CertConfig>,
+    pub backend: BackendConfig,
+    /// `[listener.client_auth]`: mutual TLS.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+    /// Send a PROXY protocol v2 header (with TLS details) to the backend.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+/// One certificate of a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    pub name: String,
     pub cert: PathBuf,
     pub key: PathBuf,
-    pub backend: String,
+    /// Server names it answers (`api.example.com`, `*.example.com`).
+    #[serde(default)]
+    pub sni: Vec<String>,
+    /// Served when no SNI name matches.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// `backend = "HOST:PORT"`, or a table with upstream TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BackendConfig {
+    Addr(String),
+    Table(BackendTable),
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Addr(String::new())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTable {
+    pub addr: String,
+    #[serde(default)]
+    pub tls: Option<BackendTlsConfig>,
+}
+
+/// `backend.tls`: TLS from the gateway to the backend.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsConfig {
+    /// PEM bundle the backend's certificate must chain to.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Name checked against the backend's certificate (and sent as SNI).
+    pub server_name: String,
+    /// Client certificate presented to the backend.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Skip certificate verification. Logged loudly; for tests only.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `[listener.client_auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Refuse clients without a certificate (otherwise optional).
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where the plaintext backend is.
@@ -166,10 +327,15 @@ impl std::fmt::Display for BackendAddr {
 /// A listener after validation.
 #[derive(Debug, Clone)]
 pub struct Listener {
+    /// `listener[i]`, for logs and audit records.
+    pub name: String,
     pub listen: SocketAddr,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    /// At least one; exactly one has `default` set.
+    pub certs: Vec<CertConfig>,
     pub backend: BackendAddr,
+    pub backend_tls: Option<BackendTlsConfig>,
+    pub client_auth: Option<ClientAuthConfig>,
+    pub proxy_protocol: bool,
 }
 
 /// Configuration problems. Messages name the key or file at fault.
@@ -245,9 +411,10 @@ impl Config {
                 (Some(listen), Some(cert), Some(key), Some(backend)) => {
                     self.listeners = vec![ListenerConfig {
                         listen,
-                        cert,
-                        key,
-                        backend,
+                        cert: Some(cert),
+                        key: Some(key),
+                        backend: BackendConfig::Addr(backend),
+                        ..Default::default()
                     }];
                 }
                 _ => {
@@ -327,6 +494,12 @@ impl Config {
             }
         }
         crate::tls::check_policy(&self.tls)?;
+        if let Some(a) = &self.admin.listen {
+            parse_admin_listen(a).map_err(|m| invalid("admin.listen", m))?;
+        }
+        if self.audit.path.as_deref() == Some("") {
+            return Err(invalid("audit.path", "must be a file path or \"-\" for stdout"));
+        }
         let mut seen = Vec::new();
         let mut out = Vec::with_capacity(self.listeners.len());
         for (i, l) in self.listeners.iter().enumerate() {
@@ -339,12 +512,85 @@ impl Config {
                 ));
             }
             seen.push(listen);
-            let backend = parse_backend(&l.backend).map_err(|m| invalid(key("backend"), m))?;
+            let (addr, backend_tls) = match &l.backend {
+                BackendConfig::Addr(a) => (a.as_str(), None),
+                BackendConfig::Table(t) => (t.addr.as_str(), t.tls.clone()),
+            };
+            let backend = parse_backend(addr).map_err(|m| invalid(key("backend"), m))?;
+            if let Some(t) = &backend_tls {
+                if t.server_name.is_empty() {
+                    return Err(invalid(key("backend.tls.server_name"), "must not be empty"));
+                }
+                if t.ca.is_none() && !t.insecure {
+                    return Err(invalid(
+                        key("backend.tls.ca"),
+                        "a CA bundle is required to verify the backend (or insecure = true, for tests only)",
+                    ));
+                }
+                if t.cert.is_some() != t.key.is_some() {
+                    return Err(invalid(
+                        key("backend.tls.cert"),
+                        "cert and key go together",
+                    ));
+                }
+            }
+            let mut certs = l.certs.clone();
+            match (&l.cert, &l.key) {
+                (Some(cert), Some(key)) => certs.insert(
+                    0,
+                    CertConfig {
+                        name: if i == 0 && l.certs.is_empty() {
+                            "default".into()
+                        } else {
+                            format!("listener{i}-default")
+                        },
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        sni: Vec::new(),
+                        default: !l.certs.iter().any(|c| c.default),
+                    },
+                ),
+                (None, None) => {}
+                _ => return Err(invalid(key("cert"), "cert and key go together")),
+            }
+            if certs.is_empty() {
+                return Err(invalid(
+                    key("certs"),
+                    "no certificate: set cert/key or add [[listener.certs]] tables",
+                ));
+            }
+            if certs.iter().filter(|c| c.default).count() > 1 {
+                return Err(invalid(key("certs"), "more than one default certificate"));
+            }
+            if !certs.iter().any(|c| c.default) {
+                certs[0].default = true;
+            }
+            for (j, c) in certs.iter().enumerate() {
+                if c.name.is_empty() {
+                    return Err(invalid(key(&format!("certs[{j}].name")), "must not be empty"));
+                }
+            }
+            for (j, c) in certs.iter().enumerate() {
+                if out
+                    .iter()
+                    .flat_map(|l: &Listener| &l.certs)
+                    .chain(&certs[..j])
+                    .any(|o| o.name == c.name)
+                {
+                    return Err(invalid(
+                        key(&format!("certs[{j}].name")),
+                        format!("\"{}\" is used by another certificate (names are global: the admin API addresses certificates by name)", c.name),
+                    ));
+                }
+            }
             out.push(Listener {
+                name: format!("listener[{i}]"),
                 listen,
-                cert: l.cert.clone(),
-                key: l.key.clone(),
+                certs,
                 backend,
+                backend_tls,
+                client_auth: l.client_auth.clone(),
+                proxy_protocol: l.proxy_protocol,
             });
         }
         Ok(out)
@@ -385,6 +631,21 @@ pub fn parse_backend(s: &str) -> Result<BackendAddr, String> {
         return Ok(BackendAddr::Unix(PathBuf::from(path)));
     }
     resolve_one(s).map(BackendAddr::Tcp)
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Parses `HOST:PORT` or `unix:/path` for `admin.listen`.
+pub fn parse_admin_listen(s: &str) -> Result<AdminAddr, String> {
+    match parse_backend(s)? {
+        BackendAddr::Tcp(a) => Ok(AdminAddr::Tcp(a)),
+        BackendAddr::Unix(p) => Ok(AdminAddr::Unix(p)),
+    }
 }
 
 /// Parses a human duration such as `10s`, `500ms`, `10m`.

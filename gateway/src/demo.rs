@@ -208,9 +208,10 @@ fn start_gateway(args: &DemoArgs, pki: &Pki, backend: SocketAddr) -> Result<Gate
         cfg.server.workers = Some(2);
         cfg.listeners = vec![ListenerConfig {
             listen: format!("127.0.0.1:{port}"),
-            cert: pki.chain_path.clone(),
-            key: pki.key_path.clone(),
-            backend: backend.to_string(),
+            cert: Some(pki.chain_path.clone()),
+            key: Some(pki.key_path.clone()),
+            backend: gateway::config::BackendConfig::Addr(backend.to_string()),
+            ..Default::default()
         }];
         cfg
     };

@@ -15,6 +15,9 @@
 
 pub mod buf;
 pub mod config;
+pub mod exporter;
+pub mod maintenance;
+pub mod reload;
 pub mod metrics;
 pub mod notify;
 pub mod offload;

@@ -166,9 +166,9 @@ fn main() {
 fn check_config(file: &std::path::Path) -> Result<()> {
     let cfg = Config::from_file(file)?;
     let listeners = cfg.validate()?;
-    for l in &listeners {
-        gateway::tls::server_config(&cfg.tls, &l.cert, &l.key, false)?;
-    }
+    // Loads and validates every certificate, CRL, client CA and ticket key
+    // exactly as start-up does.
+    gateway::reload::TlsState::load(&cfg.tls, &listeners, false)?;
     println!(
         "{}: OK ({} listener{}, {} worker{})",
         file.display(),
@@ -199,12 +199,24 @@ fn serve(args: &RunArgs) -> Result<()> {
 /// Blocks until the workers exit. The first SIGTERM/SIGINT starts a drain;
 /// a second one closes everything at once.
 pub(crate) fn wait_for_signals(gw: &Gateway, drain: Duration) -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .context("installing signal handlers")?;
     let mut draining = false;
     loop {
         for sig in signals.pending() {
+            if sig == SIGHUP {
+                gateway::notify::notify("RELOADING=1");
+                // Errors are logged (and counted) by the reload itself; the
+                // previous certificates keep serving.
+                let _ = gw.reload();
+                gateway::notify::notify("READY=1");
+                continue;
+            }
+            if sig == SIGUSR1 {
+                gw.reopen_audit();
+                continue;
+            }
             if !draining {
                 draining = true;
                 info!(signal = sig, drain = ?drain, "draining: no new connections; open ones may finish");

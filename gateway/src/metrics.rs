@@ -13,17 +13,21 @@ macro_rules! counters {
         #[repr(align(128))]
         pub struct WorkerMetrics {
             $(#[doc = $doc] pub $name: AtomicU64,)*
+            /// Handshake durations (accept to Finished).
+            pub handshake_time: Histogram,
         }
 
         /// A point-in-time sum over workers.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct Snapshot {
             $(#[doc = $doc] pub $name: u64,)*
+            pub handshake_time: HistogramSnapshot,
         }
 
         impl Snapshot {
             fn add(&mut self, w: &WorkerMetrics) {
                 $(self.$name += w.$name.load(Ordering::Relaxed);)*
+                w.handshake_time.add_to(&mut self.handshake_time);
             }
 
             /// `(name, value)` pairs, for logs and exporters.
@@ -45,6 +49,8 @@ counters! {
     not_tls: "Connections whose first bytes were neither TLS nor HTTP.",
     backend_connect_failures: "Backend connects that failed or timed out.",
     backend_resets: "Backend connections that failed after connecting.",
+    backend_tls_failures: "TLS connections to the backend that failed (verification, handshake, records).",
+    policy_deviations: "Handshakes outside tls.expected_cipher_suites (warn mode), or refused for offering none of them (enforce mode).",
     responses_502: "502 answers sent to clients.",
     client_errors: "Client connections that ended in a socket error.",
     tls_errors: "TLS errors after the handshake.",
@@ -59,6 +65,51 @@ counters! {
     ktls_closes: "kTLS connections closed for a kernel TLS reason (no rekey support, decrypt error...).",
     spliced_up: "Bytes moved client to backend with splice (kernel TLS).",
     spliced_down: "Bytes moved backend to client with splice (kernel TLS).",
+}
+
+/// Upper bounds of the handshake-duration buckets, in microseconds.
+pub const HANDSHAKE_BUCKETS_US: [u64; 12] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
+
+/// A fixed-bucket latency histogram one worker writes (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; HANDSHAKE_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// Summed histogram: per-bucket counts (not cumulative), sum, count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    pub buckets: [u64; HANDSHAKE_BUCKETS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = HANDSHAKE_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(HANDSHAKE_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn add_to(&self, s: &mut HistogramSnapshot) {
+        for (acc, b) in s.buckets.iter_mut().zip(&self.buckets) {
+            *acc += b.load(Ordering::Relaxed);
+        }
+        s.sum_us += self.sum_us.load(Ordering::Relaxed);
+    }
 }
 
 impl WorkerMetrics {
@@ -78,6 +129,7 @@ impl WorkerMetrics {
             Some(CloseReason::BackendConnectFailed(_))
             | Some(CloseReason::BackendConnectTimeout) => Some(&self.backend_connect_failures),
             Some(CloseReason::BackendReset(_)) => Some(&self.backend_resets),
+            Some(CloseReason::BackendTlsFailed(_)) => Some(&self.backend_tls_failures),
             Some(CloseReason::ClientError(_)) => Some(&self.client_errors),
             Some(CloseReason::IdleTimeout) => Some(&self.idle_timeouts),
             Some(CloseReason::Shutdown) => Some(&self.shutdown_closes),
@@ -116,5 +168,12 @@ mod tests {
         assert_eq!(s.closed, 3);
         assert!(s.pairs().contains(&("closed", 3)));
         assert_eq!(std::mem::align_of::<WorkerMetrics>(), 128);
+        a.handshake_time.record(std::time::Duration::from_micros(300));
+        b.handshake_time.record(std::time::Duration::from_secs(60));
+        let s = snapshot([&a, &b]);
+        assert_eq!(s.handshake_time.buckets[1], 1, "300 µs lands in the 500 µs bucket");
+        assert_eq!(s.handshake_time.buckets[HANDSHAKE_BUCKETS_US.len()], 1, "+Inf");
+        assert_eq!(s.handshake_time.count(), 2);
+        assert_eq!(s.handshake_time.sum_us, 60_000_300);
     }
 }

@@ -11,11 +11,24 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Socket, Type};
 use tracing::{error, info, warn};
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use crate::audit::{AuditLog, AuditRecord, AuditWriter};
 use crate::config::{Config, Listener};
 use crate::metrics::{self, Snapshot, WorkerMetrics};
 use crate::offload::{KtlsMode, KtlsSupport};
+use crate::reload::{ListenerTls, TlsState};
 use crate::session::SessionConfig;
-use crate::worker::{self, BackendTarget, Control, WorkerListener, WorkerParams};
+use crate::worker::{
+    self, BackendTarget, Control, ListenerInfo, WorkerListener, WorkerParams, WorkerRequest,
+};
 
 /// Start-up failures, each with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -44,16 +57,135 @@ pub enum StartError {
     EventFd(std::io::Error),
     #[error("ktls = \"require\" but kernel TLS is not usable on this host: {0}")]
     KtlsRequired(String),
+    #[error(transparent)]
+    Tls(#[from] crate::reload::ReloadError),
+    #[error("{listener}.backend.tls: {source}")]
+    Upstream {
+        listener: String,
+        source: crate::upstream::UpstreamError,
+    },
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("admin API: {0}")]
+    Admin(#[from] crate::admin::AdminError),
+    #[error("admin.token_file {path}: {message}")]
+    AdminToken { path: String, message: String },
+}
+
+/// State shared by the workers' control side, the admin API and reloads.
+pub struct Shared {
+    control: Arc<Control>,
+    wakers: Vec<OwnedFd>,
+    requests: Vec<Sender<WorkerRequest>>,
+    metrics: Vec<Arc<WorkerMetrics>>,
+    pub tls: TlsState,
+    /// Behind a mutex only so shutdown can drop it; never touched by workers.
+    audit: Mutex<Option<AuditLog>>,
+    workers_alive: AtomicUsize,
+    /// Successful and failed reloads (all triggers).
+    pub reloads: std::sync::atomic::AtomicU64,
+    pub reload_failures: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn wake_all(&self) {
+        for w in &self.wakers {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+            unsafe { libc::write(w.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        }
+    }
+
+    /// Counters summed over workers.
+    pub fn snapshot(&self) -> Snapshot {
+        metrics::snapshot(self.metrics.iter().map(|m| &**m))
+    }
+
+    /// Every open session, asked of each worker (answered between
+    /// completions; waits at most `timeout`).
+    pub fn sessions(&self, timeout: Duration) -> Vec<AuditRecord> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for r in &self.requests {
+            if r.send(WorkerRequest::Sessions(tx.clone())).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        self.wake_all();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(list) => out.extend(list),
+                Err(_) => break,
+            }
+        }
+        out.sort_by(|a, b| a.start.cmp(&b.start));
+        out
+    }
+
+    /// Reloads certificates, CRLs and ticket keys; logs the outcome.
+    pub fn reload(&self, trigger: &str) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
+        match self.tls.reload() {
+            Ok(s) => {
+                info!(
+                    trigger,
+                    listeners = s.listeners,
+                    certificates = s.certificates,
+                    ticket_keys = s.ticket_keys,
+                    "reloaded TLS material"
+                );
+                WorkerMetrics::inc(&self.reloads);
+                Ok(s)
+            }
+            Err(e) => {
+                error!(trigger, error = %e, "reload failed; the previous certificates keep serving");
+                WorkerMetrics::inc(&self.reload_failures);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether every worker is running.
+    pub fn workers_running(&self) -> bool {
+        self.workers_alive.load(Ordering::Relaxed) == self.metrics.len()
+    }
+
+    /// Whether listeners accept new connections.
+    pub fn ready(&self) -> bool {
+        !self.control.draining.load(Ordering::Relaxed)
+            && self.workers_alive.load(Ordering::Relaxed) == self.metrics.len()
+    }
+
+    /// Prometheus exposition text.
+    pub fn metrics_text(&self) -> String {
+        crate::exporter::render(self)
+    }
+
+    pub fn audit_stats(&self) -> Option<crate::audit::AuditStats> {
+        lock(&self.audit).as_ref().map(|a| a.stats())
+    }
+
+    /// Reopens the audit file (logrotate).
+    pub fn reopen_audit(&self) {
+        if let Some(a) = lock(&self.audit).as_ref() {
+            a.reopen();
+            info!("audit log reopen requested");
+        }
+    }
 }
 
 /// A running gateway: its workers, their counters and the drain switch.
 pub struct Gateway {
-    control: Arc<Control>,
-    wakers: Vec<OwnedFd>,
+    shared: Arc<Shared>,
     workers: Vec<JoinHandle<std::io::Result<()>>>,
-    metrics: Vec<Arc<WorkerMetrics>>,
     /// The bound addresses (useful when the config asked for port 0).
     pub local_addrs: Vec<SocketAddr>,
+    admin: Option<crate::admin::AdminHandle>,
+    audit_writer: Option<AuditWriter>,
+    maintenance: Option<crate::maintenance::Maintenance>,
 }
 
 impl Gateway {
@@ -69,10 +201,41 @@ impl Gateway {
         let workers = cfg.worker_count();
         raise_nofile_limit();
         let ktls = resolve_ktls(cfg.server.ktls)?;
+        let tls_state = TlsState::load(&cfg.tls, &listeners, ktls.is_some())?;
         let mut prepared = Vec::new();
-        for l in &listeners {
-            prepared.push(prepare_listener(cfg, l, ktls.clone())?);
+        for (l, lt) in listeners.iter().zip(&tls_state.listeners) {
+            prepared.push(prepare_listener(cfg, l, lt, ktls.clone())?);
         }
+        let (audit_log, audit_writer) = match cfg.audit.path.as_deref() {
+            None => (None, None),
+            Some(p) => {
+                let dest = if p == "-" {
+                    crate::audit::AuditDest::Stdout
+                } else {
+                    crate::audit::AuditDest::File(p.into())
+                };
+                let (log, writer) = crate::audit::AuditLog::open(dest)?;
+                info!(path = p, "audit records on (one JSON line per session)");
+                (Some(log), Some(writer))
+            }
+        };
+        let admin_token = match &cfg.admin.token_file {
+            None => None,
+            Some(path) => {
+                let t = std::fs::read_to_string(path).map_err(|e| StartError::AdminToken {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                let t = t.trim().to_string();
+                if t.len() < 16 {
+                    return Err(StartError::AdminToken {
+                        path: path.display().to_string(),
+                        message: "token must be at least 16 characters".into(),
+                    });
+                }
+                Some(t)
+            }
+        };
         // Bind one socket per worker per listener. With port 0 the first
         // bind picks the port and the others reuse it.
         let mut local_addrs = Vec::new();
@@ -98,23 +261,27 @@ impl Gateway {
             Vec::new()
         };
         let mut wakers = Vec::new();
-        let mut handles = Vec::new();
+        let mut params_all = Vec::new();
         let mut metrics = Vec::new();
+        let mut requests = Vec::new();
         for (id, socks) in sockets.into_iter().enumerate() {
             let wm = Arc::new(WorkerMetrics::default());
             metrics.push(wm.clone());
             let wake = eventfd().map_err(StartError::EventFd)?;
             let wake_dup = wake.try_clone().map_err(StartError::EventFd)?;
             wakers.push(wake);
+            let (req_tx, req_rx) = std::sync::mpsc::channel();
+            requests.push(req_tx);
             let params = WorkerParams {
                 id,
                 listeners: socks
                     .into_iter()
                     .zip(&prepared)
-                    .map(|(socket, (session, backend))| WorkerListener {
+                    .map(|(socket, (session, backend, info))| WorkerListener {
                         socket,
                         session: session.clone(),
                         backend: backend.clone(),
+                        info: info.clone(),
                     })
                     .collect(),
                 max_connections: cfg.server.max_connections_per_worker,
@@ -123,7 +290,26 @@ impl Gateway {
                 metrics: wm,
                 control: control.clone(),
                 wake: wake_dup,
+                requests: req_rx,
+                audit: audit_log.as_ref().map(|a| a.worker_sink()),
             };
+            params_all.push(params);
+        }
+        let shared = Arc::new(Shared {
+            control: control.clone(),
+            wakers,
+            requests,
+            metrics,
+            tls: tls_state,
+            audit: Mutex::new(audit_log),
+            workers_alive: AtomicUsize::new(0),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
+        });
+        let mut handles = Vec::new();
+        for params in params_all {
+            let id = params.id;
+            let shared_w = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{id}"))
@@ -133,7 +319,9 @@ impl Gateway {
                             warn!(worker = id, "could not pin worker to core {}", core.id);
                         }
                     }
+                    shared_w.workers_alive.fetch_add(1, Ordering::SeqCst);
                     let res = worker::run(params);
+                    shared_w.workers_alive.fetch_sub(1, Ordering::SeqCst);
                     if let Err(e) = &res {
                         error!(worker = id, error = %e, "worker failed");
                     }
@@ -146,45 +334,80 @@ impl Gateway {
             info!(
                 listen = %addr,
                 backend = %l.backend,
-                cert = %l.cert.display(),
+                certs = l.certs.len(),
                 workers,
                 ktls = if ktls.is_some() { "offload" } else { "off: records in user space" },
                 "listening"
             );
         }
+        let admin = match &cfg.admin.listen {
+            None => None,
+            Some(a) => {
+                let listen = match crate::config::parse_admin_listen(a)? {
+                    crate::config::AdminAddr::Tcp(a) => crate::admin::AdminListen::Tcp(a),
+                    crate::config::AdminAddr::Unix(p) => crate::admin::AdminListen::Unix(p),
+                };
+                let handle = crate::admin::spawn(
+                    crate::admin::AdminConfig {
+                        listen,
+                        token: admin_token,
+                    },
+                    Arc::new(crate::maintenance::AdminState(shared.clone())),
+                )?;
+                info!(listen = %a, addr = ?handle.local_addr(), "admin API listening");
+                Some(handle)
+            }
+        };
+        let maintenance = Some(crate::maintenance::Maintenance::start(
+            shared.clone(),
+            cfg.reload.watch,
+        ));
         Ok(Gateway {
-            control,
-            wakers,
+            shared,
             workers: handles,
-            metrics,
             local_addrs,
+            admin,
+            audit_writer,
+            maintenance,
         })
+    }
+
+    /// The state shared with the admin API and reloads.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The admin API's TCP address, when it listens on TCP.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr())
+    }
+
+    /// Reloads certificates, CRLs and ticket keys (SIGHUP).
+    pub fn reload(&self) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
+        self.shared.reload("SIGHUP")
+    }
+
+    /// Reopens the audit log (SIGUSR1).
+    pub fn reopen_audit(&self) {
+        self.shared.reopen_audit();
     }
 
     /// Stops accepting and lets connections finish within the drain period.
     pub fn begin_drain(&self) {
-        self.control.draining.store(true, Ordering::SeqCst);
-        self.wake_all();
+        self.shared.control.draining.store(true, Ordering::SeqCst);
+        self.shared.wake_all();
     }
 
     /// Closes every connection now.
     pub fn force_close(&self) {
-        self.control.draining.store(true, Ordering::SeqCst);
-        self.control.force.store(true, Ordering::SeqCst);
-        self.wake_all();
-    }
-
-    fn wake_all(&self) {
-        for w in &self.wakers {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-            unsafe { libc::write(w.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
-        }
+        self.shared.control.draining.store(true, Ordering::SeqCst);
+        self.shared.control.force.store(true, Ordering::SeqCst);
+        self.shared.wake_all();
     }
 
     /// The counters summed over workers.
     pub fn metrics(&self) -> Snapshot {
-        metrics::snapshot(self.metrics.iter().map(|m| &**m))
+        self.shared.snapshot()
     }
 
     /// Whether every worker has exited.
@@ -192,10 +415,11 @@ impl Gateway {
         self.workers.iter().all(|h| h.is_finished())
     }
 
-    /// Waits for every worker. Returns the first worker error.
-    pub fn join(self) -> std::io::Result<Snapshot> {
+    /// Waits for every worker, then flushes the audit log and stops the
+    /// admin API. Returns the first worker error.
+    pub fn join(mut self) -> std::io::Result<Snapshot> {
         let mut first_err = None;
-        for h in self.workers {
+        for h in std::mem::take(&mut self.workers) {
             match h.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -206,7 +430,22 @@ impl Gateway {
                 }
             }
         }
-        let snap = metrics::snapshot(self.metrics.iter().map(|m| &**m));
+        let snap = self.shared.snapshot();
+        if let Some(m) = self.maintenance.take() {
+            m.stop();
+        }
+        if let Some(a) = self.admin.take() {
+            a.shutdown();
+        }
+        if let Some(w) = self.audit_writer.take() {
+            // Workers are gone (their sinks flushed on drop); the shared
+            // log handle must go too before the writer can finish.
+            drop(lock(&self.shared.audit).take());
+            match w.finish() {
+                Ok(s) => info!(records = s.records_written, "audit log flushed"),
+                Err(e) => error!(error = %e, "audit log: final flush failed"),
+            }
+        }
         match first_err {
             Some(e) => Err(e),
             None => Ok(snap),
@@ -241,12 +480,39 @@ fn resolve_ktls(mode: KtlsMode) -> Result<Option<Arc<KtlsSupport>>, StartError> 
     }
 }
 
+type Prepared = (SessionConfig, Arc<BackendTarget>, Arc<ListenerInfo>);
+
 fn prepare_listener(
     cfg: &Config,
     l: &Listener,
+    lt: &ListenerTls,
     ktls: Option<Arc<KtlsSupport>>,
-) -> Result<(SessionConfig, Arc<BackendTarget>), StartError> {
-    let tls = crate::tls::server_config(&cfg.tls, &l.cert, &l.key, ktls.is_some())?;
+) -> Result<Prepared, StartError> {
+    let tls = lt.current.load_full();
+    let upstream = match &l.backend_tls {
+        None => None,
+        Some(t) => {
+            let settings = crate::upstream::UpstreamTlsSettings {
+                ca: t.ca.clone(),
+                server_name: t.server_name.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                insecure: t.insecure,
+            };
+            let err = |source| StartError::Upstream {
+                listener: l.name.clone(),
+                source,
+            };
+            let versions = crate::tls::policy_versions(&cfg.tls)?;
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let config = crate::upstream::client_config(&settings, &versions, provider).map_err(err)?;
+            let server_name = crate::upstream::server_name(&settings).map_err(err)?;
+            Some(crate::session::UpstreamTls {
+                config,
+                server_name,
+            })
+        }
+    };
     let backend = BackendTarget::new(&l.backend).map_err(|source| StartError::Backend {
         backend: l.backend.to_string(),
         source,
@@ -258,8 +524,17 @@ fn prepare_listener(
         idle_timeout: cfg.timeouts.idle,
         backend_connect_timeout: cfg.timeouts.backend_connect,
         ktls,
+        upstream,
+        expected_suites: crate::tls::expected_suites(&cfg.tls)?,
     };
-    Ok((session, Arc::new(backend)))
+    let info = Arc::new(ListenerInfo {
+        name: l.name.clone(),
+        proxy_protocol: l.proxy_protocol,
+        policy_enforce: cfg.tls.policy == crate::config::PolicyMode::Enforce
+            && !cfg.tls.expected_cipher_suites.is_empty(),
+        tls: lt.current.clone(),
+    });
+    Ok((session, Arc::new(backend), info))
 }
 
 fn bind_reuseport(addr: SocketAddr, backlog: i32) -> std::io::Result<Socket> {

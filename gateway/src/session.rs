@@ -59,6 +59,31 @@ pub struct SessionConfig {
     /// Kernel TLS offload: what the kernel supports, or `None` for the
     /// user-space record path only.
     pub ktls: Option<Arc<crate::offload::KtlsSupport>>,
+    /// TLS to the backend, when configured.
+    pub upstream: Option<backend_tls::UpstreamTls>,
+    /// Suites a handshake is expected to end with (`tls.expected_cipher_suites`);
+    /// `None`: no check.
+    pub expected_suites: Option<Arc<[rustls::CipherSuite]>>,
+}
+
+/// What the client's handshake negotiated, for logs, audit records and the
+/// PROXY header.
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeInfo {
+    pub version: Option<rustls::ProtocolVersion>,
+    pub suite: Option<rustls::CipherSuite>,
+    pub group: Option<rustls::NamedGroup>,
+    /// Server name the client asked for (SNI).
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    /// Resumed from a ticket or the session cache.
+    pub resumed: bool,
+    /// The client's certificate (leaf), when mutual TLS verified one.
+    pub client_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    /// From accept to the end of the handshake.
+    pub duration: Duration,
+    /// The suite is outside `tls.expected_cipher_suites`.
+    pub policy_deviation: bool,
 }
 
 /// One I/O operation the session wants performed.
@@ -227,6 +252,8 @@ pub enum CloseReason {
     KtlsFailed(String),
     #[error("kernel TLS: {0}")]
     KtlsClosed(String),
+    #[error("TLS to the backend failed: {0}")]
+    BackendTlsFailed(rustls::Error),
 }
 
 impl CloseReason {
@@ -248,6 +275,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::KtlsFailed(_) => "ktls_failed",
             CloseReason::KtlsClosed(_) => "ktls_closed",
+            CloseReason::BackendTlsFailed(_) => "backend_tls_failed",
         }
     }
 }
@@ -308,6 +336,8 @@ enum Mode {
 enum Backend {
     Idle,
     Connecting,
+    /// TCP connected, TLS handshake with the backend running.
+    Handshaking,
     Connected,
     /// Unusable (refused, reset, or deliberately abandoned).
     Gone,
@@ -376,6 +406,18 @@ pub struct Session {
     kernel: kernel::KernelRelay,
     reason: Option<CloseReason>,
     stats: SessionStats,
+    /// TLS to the backend (user space), once connected.
+    btls: Option<Box<backend_tls::BackendTls>>,
+    /// What the handshake negotiated, once it completed.
+    hs: Option<Box<HandshakeInfo>>,
+    /// SNI read from the ClientHello (rustls' unbuffered API has no getter).
+    sni: Option<Box<str>>,
+    sni_checked: bool,
+    /// Bytes sent to the backend before anything else (PROXY header).
+    backend_prefix: Vec<u8>,
+    /// Of the bytes sent to the backend, those of the prefix still to
+    /// discount from `bytes_up`.
+    prefix_unsent: usize,
 }
 
 impl Session {
@@ -410,7 +452,31 @@ impl Session {
             kernel: kernel::KernelRelay::default(),
             reason: None,
             stats: SessionStats::default(),
+            btls: None,
+            hs: None,
+            sni: None,
+            sni_checked: false,
+            backend_prefix: Vec::new(),
+            prefix_unsent: 0,
         }
+    }
+
+    /// What the handshake negotiated, once it completed.
+    pub fn handshake_info(&self) -> Option<&HandshakeInfo> {
+        self.hs.as_deref()
+    }
+
+    /// Bytes to send to the backend before any client byte (a PROXY
+    /// protocol header). Only effective before the backend is connected.
+    pub fn set_backend_prefix(&mut self, prefix: Vec<u8>) {
+        if matches!(self.backend, Backend::Idle | Backend::Connecting) {
+            self.backend_prefix = prefix;
+        }
+    }
+
+    /// Backend TLS version and suite, once its handshake is done.
+    pub fn backend_negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        self.btls.as_ref()?.negotiated()
     }
 
     /// Operations currently in flight (bit per [`OpKind`]).
@@ -530,6 +596,9 @@ impl Session {
                 self.backend = Backend::Connecting;
                 return Some(Io::BackendConnect);
             }
+            Backend::Connected | Backend::Handshaking if self.btls.is_some() => {
+                return self.next_io_backend_tls();
+            }
             Backend::Connected => {}
             _ => return None,
         }
@@ -555,6 +624,39 @@ impl Session {
             }
             if self.down.spare_len() > 0 {
                 let (ptr, len) = self.down.spare_raw();
+                return Some(Io::BackendRecv { ptr, len });
+            }
+        }
+        None
+    }
+
+    /// Backend I/O when the backend speaks TLS: move its record buffers.
+    fn next_io_backend_tls(&mut self) -> Option<Io> {
+        let send_idle = self.idle(OpKind::BackendSend);
+        let recv_idle = self.idle(OpKind::BackendRecv);
+        let shut_idle = self.idle(OpKind::BackendShutdown);
+        let b = self.btls.as_mut()?;
+        b.flush_overflow(send_idle);
+        if send_idle && !b.tls_out.is_empty() {
+            let (ptr, len) = b.tls_out.filled_raw();
+            return Some(Io::BackendSend { ptr, len });
+        }
+        if send_idle
+            && shut_idle
+            && !self.backend_wr_shut
+            && b.close_notify_queued
+            && b.tls_out.is_empty()
+            && b.overflow_empty()
+        {
+            self.backend_wr_shut = true;
+            return Some(Io::BackendShutdown);
+        }
+        if recv_idle && !b.tcp_eof && !b.peer_closed {
+            if b.tls_in.spare_len() < MAX_RECORD_PLAINTEXT {
+                b.tls_in.compact();
+            }
+            if b.tls_in.spare_len() > 0 {
+                let (ptr, len) = b.tls_in.spare_raw();
                 return Some(Io::BackendRecv { ptr, len });
             }
         }
@@ -683,15 +785,56 @@ impl Session {
         if self.backend != Backend::Connecting {
             return;
         }
-        if res >= 0 {
-            self.backend = Backend::Connected;
-        } else {
-            self.backend_failed(CloseReason::BackendConnectFailed(Errno(-res)));
-        }
         let _ = now;
+        if res < 0 {
+            self.backend_failed(CloseReason::BackendConnectFailed(Errno(-res)));
+            return;
+        }
+        let prefix = std::mem::take(&mut self.backend_prefix);
+        if let Some(u) = &self.cfg.upstream {
+            match backend_tls::BackendTls::new(u) {
+                Ok(mut b) => {
+                    // The PROXY header goes in clear, before the ClientHello.
+                    b.tls_out.push_compacting(&prefix);
+                    self.prefix_unsent = 0;
+                    self.btls = Some(Box::new(b));
+                    self.backend = Backend::Handshaking;
+                }
+                Err(e) => self.backend_failed(CloseReason::BackendTlsFailed(e)),
+            }
+            return;
+        }
+        if !prefix.is_empty() {
+            // Nothing has been sent yet: put the prefix before whatever the
+            // client already sent.
+            let mut all = prefix;
+            self.prefix_unsent = all.len();
+            all.extend_from_slice(self.up.filled());
+            self.up.clear();
+            let n = self.up.push_compacting(&all);
+            if n < all.len() {
+                // `up` holds at most its capacity; the client's bytes were
+                // accepted against that room, so this cannot happen unless
+                // the prefix is larger than a PROXY header can be.
+                self.backend_failed(CloseReason::BackendConnectFailed(Errno(libc::EMSGSIZE)));
+                return;
+            }
+        }
+        self.backend = Backend::Connected;
     }
 
     fn on_backend_recv(&mut self, res: i32) {
+        if let Some(b) = self.btls.as_mut() {
+            if !matches!(self.backend, Backend::Connected | Backend::Handshaking) {
+                return;
+            }
+            match res {
+                n if n > 0 => b.tls_in.commit(n as usize),
+                0 => b.tcp_eof = true,
+                e => self.backend_failed(CloseReason::BackendReset(Errno(-e))),
+            }
+            return;
+        }
         if self.backend != Backend::Connected {
             return;
         }
@@ -706,12 +849,28 @@ impl Session {
     }
 
     fn on_backend_send(&mut self, res: i32) {
+        if let Some(b) = self.btls.as_mut() {
+            if !matches!(self.backend, Backend::Connected | Backend::Handshaking) {
+                return;
+            }
+            if res >= 0 {
+                b.tls_out.consume(res as usize);
+                if b.tls_out.is_empty() {
+                    b.tls_out.compact();
+                }
+            } else {
+                self.backend_failed(CloseReason::BackendReset(Errno(-res)));
+            }
+            return;
+        }
         if self.backend != Backend::Connected {
             return;
         }
         if res >= 0 {
             self.up.consume(res as usize);
-            self.stats.bytes_up += res as u64;
+            let prefix = self.prefix_unsent.min(res as usize);
+            self.prefix_unsent -= prefix;
+            self.stats.bytes_up += (res as usize - prefix) as u64;
             if self.up.is_empty() {
                 self.up.compact();
             }
@@ -804,7 +963,13 @@ impl Session {
             && !self.tls_dead
             && self.mode != Mode::Kernel
         {
+            self.pump_backend_tls();
             self.pump_tls(now);
+            self.pump_backend_tls();
+            if self.btls.is_some() && !self.tls_dead && self.phase == Phase::Relay {
+                // Plaintext the backend pump just produced: encrypt it.
+                self.pump_tls(now);
+            }
         }
         if self.phase == Phase::Relay {
             if self.mode == Mode::Kernel {
@@ -850,8 +1015,92 @@ impl Session {
         }
     }
 
+    /// Drives the backend's TLS connection, if any.
+    fn pump_backend_tls(&mut self) {
+        if !matches!(self.backend, Backend::Connected | Backend::Handshaking) {
+            return;
+        }
+        let out_idle = self.idle(OpKind::BackendSend);
+        let Some(b) = self.btls.as_mut() else {
+            return;
+        };
+        let mut first_down = false;
+        let res = b.pump(
+            backend_tls::Plain {
+                up: &mut self.up,
+                down: &mut self.down,
+                up_done: self.client_rd_done,
+                bytes_up: &mut self.stats.bytes_up,
+                bytes_down: &mut self.stats.bytes_down,
+                first_down: &mut first_down,
+            },
+            out_idle,
+        );
+        let (done, closed) = (b.handshake_done, b.peer_closed);
+        match res {
+            Err(e) => self.backend_failed(CloseReason::BackendTlsFailed(e)),
+            Ok(()) => {
+                if done && self.backend == Backend::Handshaking {
+                    self.backend = Backend::Connected;
+                }
+                if closed {
+                    self.backend_rd_done = true;
+                }
+            }
+        }
+    }
+
+    /// Called once, when the client's handshake completes.
+    fn on_handshake_done(&mut self, now: Instant) {
+        self.phase = Phase::Relay;
+        self.stats.handshake_done = true;
+        let duration = now.duration_since(self.created);
+        self.handshake_duration = Some(duration);
+        self.last_activity = now;
+        self.connect_started = Some(now);
+        let Some(tls) = self.tls.as_ref() else {
+            return;
+        };
+        let suite = tls.negotiated_cipher_suite().map(|s| s.suite());
+        let policy_deviation = match (&self.cfg.expected_suites, suite) {
+            (Some(expected), Some(s)) => !expected.contains(&s),
+            _ => false,
+        };
+        self.hs = Some(Box::new(HandshakeInfo {
+            version: tls.protocol_version(),
+            suite,
+            group: tls.negotiated_key_exchange_group().map(|g| g.name()),
+            sni: self.sni.take().map(String::from),
+            alpn: tls.alpn_protocol().map(<[u8]>::to_vec),
+            resumed: tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            client_cert: tls.peer_certificates().and_then(|c| c.first()).cloned(),
+            duration,
+            policy_deviation,
+        }));
+    }
+
+    /// Reads the SNI from the ClientHello once its first record is in.
+    fn check_sni(&mut self) {
+        if self.sni_checked {
+            return;
+        }
+        let have = self.tls_in.filled();
+        if have.len() < 5 {
+            return;
+        }
+        let len = u16::from_be_bytes([have[3], have[4]]) as usize;
+        if have.len() < 5 + len {
+            return;
+        }
+        self.sni_checked = true;
+        self.sni = sniff::client_hello_sni(&have[5..5 + len]).map(Box::from);
+    }
+
     /// Drives rustls until it needs I/O.
     fn pump_tls(&mut self, now: Instant) {
+        if self.phase == Phase::Handshake {
+            self.check_sni();
+        }
         // Bounded: each iteration either makes progress or breaks.
         for _ in 0..10_000 {
             // Known before the call that completes the handshake: the suite
@@ -880,9 +1129,13 @@ impl Session {
                 }
             };
             let mut stop = false;
+            let mut hs_done_now = false;
             match state {
                 ConnectionState::ReadTraffic(mut rt) => {
-                    let up_idle = self.in_flight & OpKind::BackendSend.bit() == 0;
+                    // Data right behind the client's Finished.
+                    hs_done_now = self.phase == Phase::Handshake;
+                    let up_idle = self.btls.is_some()
+                        || self.in_flight & OpKind::BackendSend.bit() == 0;
                     let mut progressed = false;
                     while let Some(len) = rt.peek_len() {
                         if room(&self.up, up_idle) < len.get() {
@@ -953,16 +1206,7 @@ impl Session {
                     }
                 }
                 ConnectionState::WriteTraffic(mut wt) => {
-                    if self.phase == Phase::Handshake {
-                        self.phase = Phase::Relay;
-                        if offload {
-                            self.mode = Mode::PendingOffload;
-                        }
-                        self.stats.handshake_done = true;
-                        self.handshake_duration = Some(now.duration_since(self.created));
-                        self.last_activity = now;
-                        self.connect_started = Some(now);
-                    }
+                    hs_done_now = self.phase == Phase::Handshake;
                     if let Err(e) = encrypt_pending(&mut wt, outbound!(self)) {
                         self.tls_in.consume(discard);
                         self.tls_failed(e);
@@ -996,6 +1240,12 @@ impl Session {
                 }
             }
             self.tls_in.consume(discard);
+            if hs_done_now && self.phase == Phase::Handshake {
+                self.on_handshake_done(now);
+                if offload {
+                    self.mode = Mode::PendingOffload;
+                }
+            }
             if stop {
                 break;
             }
@@ -1212,7 +1462,9 @@ impl Buf {
     }
 }
 
+mod backend_tls;
 mod kernel;
+pub use backend_tls::UpstreamTls;
 pub use kernel::{ControlEvent, PIPE_CAP};
 #[cfg(test)]
 mod tests;

@@ -146,6 +146,75 @@ fn http_response(status: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The server name (SNI) in a ClientHello, given the payload of the first
+/// handshake record. `None` when absent or malformed (rustls decides what
+/// a malformed hello gets; this is only for logs and audit records).
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let mut r = Reader(record);
+    if r.u8()? != 1 {
+        return None; // not a ClientHello
+    }
+    let body_len = r.u24()?;
+    let mut r = Reader(r.take(body_len.min(r.0.len()))?);
+    r.take(2 + 32)?; // legacy_version, random
+    let sid = r.u8()? as usize;
+    r.take(sid)?;
+    let suites = r.u16()? as usize;
+    r.take(suites)?;
+    let comp = r.u8()? as usize;
+    r.take(comp)?;
+    let ext_len = r.u16()? as usize;
+    let mut exts = Reader(r.take(ext_len)?);
+    while !exts.0.is_empty() {
+        let typ = exts.u16()?;
+        let len = exts.u16()? as usize;
+        let body = exts.take(len)?;
+        if typ != 0 {
+            continue;
+        }
+        let mut list = Reader(body);
+        let list_len = list.u16()? as usize;
+        let mut list = Reader(list.take(list_len)?);
+        while !list.0.is_empty() {
+            let name_type = list.u8()?;
+            let n = list.u16()? as usize;
+            let name = list.take(n)?;
+            if name_type == 0 {
+                let s = std::str::from_utf8(name).ok()?;
+                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                    return None;
+                }
+                return Some(s.to_ascii_lowercase());
+            }
+        }
+        return None;
+    }
+    None
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u24(&mut self) -> Option<usize> {
+        self.take(3)
+            .map(|b| (b[0] as usize) << 16 | (b[1] as usize) << 8 | b[2] as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +272,26 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(len, body.len());
+    }
+
+    #[test]
+    fn reads_sni_from_a_real_client_hello() {
+        let roots = rustls::RootCertStore::empty();
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("API.Example.com").unwrap();
+        let mut c = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+        let mut out = Vec::new();
+        c.write_tls(&mut out).unwrap();
+        let len = u16::from_be_bytes([out[3], out[4]]) as usize;
+        let rec = &out[5..5 + len];
+        assert_eq!(client_hello_sni(rec).as_deref(), Some("api.example.com"));
+        // Truncations never panic and give no name.
+        for cut in 0..rec.len() {
+            let _ = client_hello_sni(&rec[..cut]);
+        }
+        assert_eq!(client_hello_sni(&rec[..40]), None);
+        assert_eq!(client_hello_sni(b"\x02\x00\x00\x00"), None);
     }
 }

@@ -56,9 +56,96 @@ fn versions(policy: &TlsPolicy) -> Result<Vec<&'static SupportedProtocolVersion>
     Ok(out)
 }
 
-/// The crypto provider restricted to the policy's cipher suites.
-fn provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
+/// Looks up suite names in the provider, naming `key` in errors.
+fn find_suites(
+    provider: &CryptoProvider,
+    names: &[String],
+    key: &str,
+) -> Result<Vec<rustls::SupportedCipherSuite>, ConfigError> {
+    let mut chosen = Vec::new();
+    for name in names {
+        let found = provider
+            .cipher_suites
+            .iter()
+            .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name));
+        match found {
+            Some(s) => chosen.push(*s),
+            None => {
+                let known: Vec<String> = provider
+                    .cipher_suites
+                    .iter()
+                    .map(|s| format!("{:?}", s.suite()))
+                    .collect();
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!(
+                        "unknown or disallowed suite \"{name}\"; known: {}",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// The suites a handshake is expected to end with, when a policy names
+/// them.
+pub fn expected_suites(
+    policy: &TlsPolicy,
+) -> Result<Option<Arc<[rustls::CipherSuite]>>, ConfigError> {
+    if policy.expected_cipher_suites.is_empty() {
+        return Ok(None);
+    }
+    let base = base_provider(policy)?;
+    let found = find_suites(&base, &policy.expected_cipher_suites, "tls.expected_cipher_suites")?;
+    Ok(Some(found.iter().map(|s| s.suite()).collect()))
+}
+
+/// The crypto provider for the policy: its suites and groups; in
+/// `enforce` mode only the expected suites remain, so a client that offers
+/// none of them is refused with an alert during the handshake.
+pub fn provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
+    let mut provider = base_provider(policy)?;
+    if policy.policy == crate::config::PolicyMode::Enforce
+        && !policy.expected_cipher_suites.is_empty()
+    {
+        provider.cipher_suites = find_suites(
+            &provider,
+            &policy.expected_cipher_suites,
+            "tls.expected_cipher_suites",
+        )?;
+    }
+    Ok(provider)
+}
+
+/// The provider restricted to `cipher_suites` and `groups`.
+fn base_provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if !policy.groups.is_empty() {
+        let mut chosen = Vec::new();
+        for name in &policy.groups {
+            let found = provider
+                .kx_groups
+                .iter()
+                .find(|g| format!("{:?}", g.name()).eq_ignore_ascii_case(name));
+            match found {
+                Some(g) => chosen.push(*g),
+                None => {
+                    let known: Vec<String> = provider
+                        .kx_groups
+                        .iter()
+                        .map(|g| format!("{:?}", g.name()))
+                        .collect();
+                    return Err(ConfigError::Invalid {
+                        key: "tls.groups".into(),
+                        message: format!("unknown group \"{name}\"; known: {}", known.join(", ")),
+                    });
+                }
+            }
+        }
+        provider.kx_groups = chosen;
+    }
     if !policy.cipher_suites.is_empty() {
         let mut chosen = Vec::new();
         for name in &policy.cipher_suites {
@@ -90,6 +177,7 @@ fn provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
 /// `check-config` and start-up.
 pub fn check_policy(policy: &TlsPolicy) -> Result<(), ConfigError> {
     let versions = versions(policy)?;
+    expected_suites(policy)?;
     let provider = provider(policy)?;
     for v in &versions {
         if !provider.cipher_suites.iter().any(|s| s.version() == *v) {
@@ -137,6 +225,52 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
         rustls::pki_types::pem::Error::NoItemsFound => err("no PRIVATE KEY block found".into()),
         other => err(format!("not a valid PEM private key: {other}")),
     })
+}
+
+/// The protocol versions of a policy (validated).
+pub fn policy_versions(
+    policy: &TlsPolicy,
+) -> Result<Vec<&'static SupportedProtocolVersion>, ConfigError> {
+    versions(policy)
+}
+
+/// Everything besides the policy that goes into a listener's
+/// [`ServerConfig`]; the parts that survive a reload are shared.
+pub struct ServerParts {
+    /// Picks the certificate by SNI; rotated in place.
+    pub resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    /// Mutual TLS, when configured.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    pub session_storage: Arc<dyn rustls::server::StoresServerSessions + Send + Sync>,
+    /// Allow handing the keys to kernel TLS after the handshake.
+    pub secret_extraction: bool,
+}
+
+/// Builds a listener's server configuration from the policy and its parts.
+pub fn build_server_config(
+    policy: &TlsPolicy,
+    parts: ServerParts,
+) -> Result<Arc<ServerConfig>, ConfigError> {
+    let versions = versions(policy)?;
+    let provider = Arc::new(provider(policy)?);
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .map_err(|e| ConfigError::Invalid {
+            key: "tls".into(),
+            message: e.to_string(),
+        })?;
+    let builder = match parts.client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(parts.resolver);
+    cfg.alpn_protocols = policy.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    cfg.max_early_data_size = 0;
+    cfg.enable_secret_extraction = parts.secret_extraction;
+    cfg.ticketer = parts.ticketer;
+    cfg.session_storage = parts.session_storage;
+    Ok(Arc::new(cfg))
 }
 
 /// Builds the server configuration for one listener.

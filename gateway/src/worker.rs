@@ -21,6 +21,7 @@ use slab::Slab;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
+use crate::audit::AuditRecord;
 use crate::config::BackendAddr;
 use crate::metrics::WorkerMetrics;
 use crate::session::{
@@ -88,6 +89,28 @@ pub struct WorkerListener {
     pub socket: OwnedFd,
     pub session: SessionConfig,
     pub backend: Arc<BackendTarget>,
+    pub info: Arc<ListenerInfo>,
+}
+
+/// What a worker needs to know about a listener beyond its session
+/// settings.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    /// `listener[i]`, for logs, audit records and the admin API.
+    pub name: String,
+    /// Send a PROXY v2 header to the backend.
+    pub proxy_protocol: bool,
+    /// `tls.policy = "enforce"` with expected suites: handshakes that
+    /// offered none of them count as policy deviations.
+    pub policy_enforce: bool,
+    /// TLS settings, swapped atomically on reload; read once per accept.
+    pub tls: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
+}
+
+/// Requests from the control side; answered on the worker's own time.
+pub enum WorkerRequest {
+    /// Describe every open session (same fields as the audit record).
+    Sessions(std::sync::mpsc::Sender<Vec<crate::audit::AuditRecord>>),
 }
 
 /// Everything a worker thread needs.
@@ -101,12 +124,17 @@ pub struct WorkerParams {
     pub control: Arc<Control>,
     /// eventfd the control thread writes to wake this worker.
     pub wake: OwnedFd,
+    /// Requests (admin API), with `wake` written after each.
+    pub requests: std::sync::mpsc::Receiver<WorkerRequest>,
+    /// This worker's audit record buffer, when auditing is on.
+    pub audit: Option<crate::audit::AuditSink>,
 }
 
 struct ListenerState {
     socket: Option<OwnedFd>,
     session: SessionConfig,
     backend: Arc<BackendTarget>,
+    info: Arc<ListenerInfo>,
     /// A multishot accept is armed.
     accepting: bool,
     /// Re-arm at the next tick (after an accept error).
@@ -121,7 +149,13 @@ struct Conn {
     cancel_sent: bool,
     handshake_counted: bool,
     accepted_at: Instant,
+    /// Wall-clock time of the accept, for audit records.
+    started: std::time::SystemTime,
     peer: Option<std::net::SocketAddr>,
+    /// Our address on the client connection (only with PROXY headers).
+    local: Option<std::net::SocketAddr>,
+    /// The verified client certificate's subject, with mutual TLS.
+    identity: Option<String>,
     /// Kernel TLS state once the record layer moved into the kernel.
     ktls: Option<KtlsConn<ServerConnectionData>>,
     /// Pipes held while bytes are in flight: [up, down].
@@ -187,6 +221,7 @@ struct Limits {
     accept: RateLimit,
     full: RateLimit,
     ktls: RateLimit,
+    policy: RateLimit,
 }
 
 struct Worker {
@@ -209,6 +244,8 @@ struct Worker {
     pipes: Vec<Pipe>,
     /// Scratch space for kTLS control records.
     control_buf: Box<[u8]>,
+    requests: std::sync::mpsc::Receiver<WorkerRequest>,
+    audit: Option<crate::audit::AuditSink>,
 }
 
 /// Runs a worker until it has drained. Call on the worker's own thread.
@@ -238,6 +275,7 @@ pub fn run(p: WorkerParams) -> std::io::Result<()> {
                 socket: Some(l.socket),
                 session: l.session,
                 backend: l.backend,
+                info: l.info,
                 accepting: false,
                 rearm: false,
             })
@@ -252,6 +290,8 @@ pub fn run(p: WorkerParams) -> std::io::Result<()> {
         keys: Vec::new(),
         pipes: Vec::new(),
         control_buf: vec![0u8; 17 * 1024].into_boxed_slice(),
+        requests: p.requests,
+        audit: p.audit,
     };
     w.run()
 }
@@ -422,7 +462,16 @@ impl Worker {
         let sock = socket2::SockRef::from(&fd);
         let _ = sock.set_tcp_nodelay(true);
         let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
-        let session = Session::new(self.listeners[i].session.clone(), now);
+        let local = if self.listeners[i].info.proxy_protocol {
+            sock.local_addr().ok().and_then(|a| a.as_socket())
+        } else {
+            None
+        };
+        let mut cfg = self.listeners[i].session.clone();
+        // The listener's current TLS settings (certificates rotate by
+        // swapping this pointer; sessions keep the one they started with).
+        cfg.tls = self.listeners[i].info.tls.load_full();
+        let session = Session::new(cfg, now);
         let key = self.conns.insert(Conn {
             session,
             client: fd,
@@ -431,7 +480,10 @@ impl Worker {
             cancel_sent: false,
             handshake_counted: false,
             accepted_at: now,
+            started: std::time::SystemTime::now(),
             peer,
+            local,
+            identity: None,
             ktls: None,
             pipes: [None, None],
         });
@@ -447,6 +499,9 @@ impl Worker {
 
     fn on_tick(&mut self, now: Instant) -> std::io::Result<()> {
         self.arm_tick()?;
+        if let Some(a) = self.audit.as_mut() {
+            a.flush();
+        }
         if self.drain_deadline.is_none() {
             for i in 0..self.listeners.len() {
                 if self.listeners[i].rearm && !self.listeners[i].accepting {
@@ -475,6 +530,18 @@ impl Worker {
     fn on_wake(&mut self, res: i32, now: Instant) -> std::io::Result<()> {
         if res >= 0 || res == -libc::EINTR {
             self.arm_wake()?;
+        }
+        while let Ok(req) = self.requests.try_recv() {
+            match req {
+                WorkerRequest::Sessions(reply) => {
+                    let list: Vec<AuditRecord> = self
+                        .conns
+                        .iter()
+                        .map(|(k, c)| self.describe(k, c, now, true))
+                        .collect();
+                    let _ = reply.send(list);
+                }
+            }
         }
         if self.control.draining.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
             self.drain_deadline = Some(now + self.drain_timeout);
@@ -674,18 +741,47 @@ impl Worker {
         if !conn.handshake_counted && conn.session.stats().handshake_done {
             conn.handshake_counted = true;
             WorkerMetrics::inc(&self.metrics.handshakes);
-            if let Some((version, suite)) = conn.session.negotiated() {
+            let listener = &self.listeners[conn.listener];
+            if let Some(hs) = conn.session.handshake_info() {
+                self.metrics.handshake_time.record(hs.duration);
+                let identity = hs
+                    .client_cert
+                    .as_ref()
+                    .and_then(crate::certs::peer_identity);
                 debug!(
                     worker = self.id,
                     conn = key,
-                    ?version,
-                    ?suite,
-                    duration_us = conn
-                        .session
-                        .handshake_duration()
-                        .map_or(0, |d| d.as_micros() as u64),
+                    listener = %listener.name,
+                    peer = %conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                    version = ?hs.version,
+                    suite = ?hs.suite,
+                    group = ?hs.group,
+                    sni = hs.sni.as_deref().unwrap_or("-"),
+                    alpn = %hs.alpn.as_deref().map_or(std::borrow::Cow::Borrowed("-"), String::from_utf8_lossy),
+                    resumed = hs.resumed,
+                    client_cert = identity.as_deref().unwrap_or("-"),
+                    duration_us = hs.duration.as_micros() as u64,
                     "handshake complete"
                 );
+                if hs.policy_deviation {
+                    WorkerMetrics::inc(&self.metrics.policy_deviations);
+                    if let Some(skipped) = self.logs.policy.allow(now) {
+                        warn!(
+                            worker = self.id,
+                            listener = %listener.name,
+                            peer = %conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                            suite = ?hs.suite,
+                            version = ?hs.version,
+                            skipped,
+                            "TLS policy deviation: negotiated suite is not in tls.expected_cipher_suites"
+                        );
+                    }
+                }
+                if listener.proxy_protocol {
+                    let header = proxy_header(conn, hs, identity.as_deref());
+                    conn.session.set_backend_prefix(header);
+                }
+                conn.identity = identity;
             }
         }
         if conn.session.wants_cancel() && !conn.cancel_sent {
@@ -764,6 +860,22 @@ impl Worker {
                     warn!(worker = self.id, peer, skipped, "rejected: {r}");
                 }
             }
+            Some(
+                r @ CloseReason::HandshakeFailed(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::NoCipherSuitesInCommon,
+                )),
+            ) if self.listeners[conn.listener].info.policy_enforce => {
+                WorkerMetrics::inc(&self.metrics.policy_deviations);
+                if let Some(skipped) = self.logs.policy.allow(now) {
+                    warn!(
+                        worker = self.id,
+                        listener = %self.listeners[conn.listener].info.name,
+                        peer,
+                        skipped,
+                        "TLS policy: refused a client that offered none of tls.expected_cipher_suites ({r})"
+                    );
+                }
+            }
             Some(r @ CloseReason::HandshakeFailed(_)) | Some(r @ CloseReason::HandshakeTimeout) => {
                 if let Some(skipped) = self.logs.handshake.allow(now) {
                     info!(worker = self.id, peer, skipped, "{r}");
@@ -772,7 +884,8 @@ impl Worker {
             Some(
                 r @ (CloseReason::BackendConnectFailed(_)
                 | CloseReason::BackendConnectTimeout
-                | CloseReason::BackendReset(_)),
+                | CloseReason::BackendReset(_)
+                | CloseReason::BackendTlsFailed(_)),
             ) => {
                 if let Some(skipped) = self.logs.backend.allow(now) {
                     warn!(
@@ -797,8 +910,101 @@ impl Worker {
             duration_ms = now.duration_since(conn.accepted_at).as_millis() as u64,
             "connection closed"
         );
+        if self.audit.is_some() {
+            let rec = self.describe(key, &conn, now, false);
+            if let Some(a) = self.audit.as_mut() {
+                a.push(&rec);
+            }
+        }
         // Dropping `conn` closes both sockets; nothing is in flight.
     }
+
+    /// The audit record of a connection: final when `active` is false,
+    /// otherwise a snapshot for the admin API.
+    fn describe(&self, key: usize, conn: &Conn, now: Instant, active: bool) -> AuditRecord {
+        let l = &self.listeners[conn.listener];
+        let stats = conn.session.stats();
+        let hs = conn.session.handshake_info();
+        let elapsed = now.duration_since(conn.accepted_at);
+        let end = conn.started + elapsed;
+        let label = |v: Option<String>| v.filter(|s| !s.is_empty());
+        AuditRecord {
+            id: format!("{}-{}-{}", self.id, key, unix_micros(conn.started)),
+            listener: l.info.name.clone(),
+            start: crate::audit::rfc3339(conn.started),
+            end: if active {
+                String::new()
+            } else {
+                crate::audit::rfc3339(end)
+            },
+            duration_ms: elapsed.as_millis() as u64,
+            client: conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            backend: (conn.backend.is_some() || stats.bytes_up > 0)
+                .then(|| l.backend.display.clone()),
+            sni: hs.and_then(|h| h.sni.clone()),
+            alpn: hs.and_then(|h| h.alpn.as_deref().map(|a| String::from_utf8_lossy(a).into_owned())),
+            tls_version: label(hs.and_then(|h| h.version).map(version_name)),
+            cipher_suite: hs.and_then(|h| h.suite).and_then(|s| s.as_str()).map(String::from),
+            kx_group: hs.and_then(|h| h.group).map(|g| format!("{g:?}")),
+            resumed: hs.is_some_and(|h| h.resumed),
+            path: if stats.ktls {
+                "ktls"
+            } else if stats.handshake_done {
+                "userspace"
+            } else {
+                "none"
+            },
+            client_identity: conn.identity.clone(),
+            bytes_up: stats.bytes_up,
+            bytes_down: stats.bytes_down,
+            handshake_ms: hs.map(|h| h.duration.as_secs_f64() * 1000.0),
+            close_reason: if active {
+                "active".to_string()
+            } else {
+                conn.session
+                    .close_reason()
+                    .map_or("unknown", |r| r.label())
+                    .to_string()
+            },
+        }
+    }
+}
+
+fn unix_micros(t: std::time::SystemTime) -> u128 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros())
+}
+
+/// `TLSv1.3`-style names, as OpenSSL and PROXY headers spell them.
+fn version_name(v: rustls::ProtocolVersion) -> String {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".into(),
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The PROXY v2 header for a connection whose handshake just completed.
+fn proxy_header(conn: &Conn, hs: &crate::session::HandshakeInfo, identity: Option<&str>) -> Vec<u8> {
+    let (Some(src), Some(dst)) = (conn.peer, conn.local) else {
+        return crate::proxy_v2::encode_local();
+    };
+    let version = hs.version.map(version_name).unwrap_or_default();
+    let cipher = hs.suite.and_then(|s| s.as_str()).unwrap_or("");
+    let cn = identity.and_then(|id| {
+        id.split(',')
+            .find_map(|part| part.trim().strip_prefix("CN="))
+    });
+    let tlvs = crate::proxy_v2::TlsTlvs {
+        version: &version,
+        cipher,
+        sni: hs.sni.as_deref(),
+        alpn: hs.alpn.as_deref(),
+        client_cn: cn,
+        client_cert_presented: hs.client_cert.is_some(),
+        client_cert_verified: hs.client_cert.is_some(),
+    };
+    crate::proxy_v2::encode(src, dst, Some(&tlvs))
 }
 
 fn open_backend(target: &BackendTarget) -> std::io::Result<Socket> {

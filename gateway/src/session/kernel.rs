@@ -78,6 +78,11 @@ impl Session {
         let Some(k) = &self.cfg.ktls else {
             return false;
         };
+        if self.cfg.upstream.is_some() {
+            // Backend TLS runs in user space; the client side stays there
+            // too so one record layer serves both.
+            return false;
+        }
         match self.negotiated() {
             Some((version, suite)) => k.supports(version, suite),
             None => false,

@@ -50,6 +50,8 @@ fn config(pki: &Pki) -> SessionConfig {
         idle_timeout: Duration::from_secs(600),
         backend_connect_timeout: Duration::from_secs(5),
         ktls: None,
+        upstream: None,
+        expected_suites: None,
     }
 }
 
@@ -787,4 +789,174 @@ fn ktls_refused_backend_still_answers_502_in_user_space() {
     assert!(!w.offloaded, "no offload without a backend");
     let text = String::from_utf8(w.take_plain(&mut c)).unwrap();
     assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+}
+
+// ----------------------------------------------------------------------
+// TLS to the backend ("double TLS")
+
+fn upstream_config(pki: &Pki, name: &str) -> SessionConfig {
+    let mut cfg = config(pki);
+    let client = ClientConfig::builder()
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    cfg.upstream = Some(UpstreamTls {
+        config: Arc::new(client),
+        server_name: ServerName::try_from(name.to_string()).unwrap(),
+    });
+    cfg
+}
+
+/// The backend is a rustls server: moves records between it and the
+/// session until nothing moves. Returns what the backend decrypted.
+fn run_tls_backend(
+    w: &mut World,
+    c: &mut ClientConnection,
+    b: &mut rustls::ServerConnection,
+    got: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    for _ in 0..10_000 {
+        w.pump_client(c);
+        let mut moved = false;
+        if !w.backend_got.is_empty() {
+            let mut slice = &w.backend_got[..];
+            let n = b.read_tls(&mut slice).unwrap();
+            w.backend_got.drain(..n);
+            b.process_new_packets()?;
+            let mut buf = [0u8; 65536];
+            loop {
+                match b.reader().read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => break,
+                }
+            }
+            moved = n > 0;
+        }
+        while b.wants_write() {
+            b.write_tls(&mut w.backend_out).unwrap();
+            moved = true;
+        }
+        if !moved {
+            return Ok(());
+        }
+    }
+    panic!("backend did not settle");
+}
+
+#[test]
+fn backend_tls_relays_both_ways_byte_exact() {
+    let pki = pki();
+    let mut w = World::new(upstream_config(&pki, "localhost"));
+    w.s.set_backend_prefix(b"PREFIX".to_vec());
+    let mut c = client(&pki, &rustls::version::TLS13);
+    let mut b = rustls::ServerConnection::new(pki.server.clone()).unwrap();
+    let mut got = Vec::new();
+    handshake(&mut w, &mut c);
+    // The prefix goes in clear before the backend's ClientHello.
+    w.run();
+    assert!(w.backend_got.starts_with(b"PREFIX\x16\x03"), "{:?}", &w.backend_got[..8]);
+    w.backend_got.drain(..6);
+    let up: Vec<u8> = (0..700_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let down: Vec<u8> = (0..500_000u32).map(|i| (i * 13 + i / 97) as u8).collect();
+    b.set_buffer_limit(None);
+    let mut plain = Vec::new();
+    let (ups, downs): (Vec<_>, Vec<_>) = (up.chunks(50_000).collect(), down.chunks(40_000).collect());
+    for i in 0..ups.len().max(downs.len()) {
+        if let Some(u) = ups.get(i) {
+            c.writer().write_all(u).unwrap();
+        }
+        if let Some(d) = downs.get(i) {
+            b.writer().write_all(d).unwrap();
+        }
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        plain.extend(w.take_plain(&mut c));
+    }
+    for _ in 0..50 {
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        plain.extend(w.take_plain(&mut c));
+    }
+    assert_eq!(got.len(), up.len());
+    assert!(got == up, "backend plaintext differs");
+    assert_eq!(plain.len(), down.len());
+    assert!(plain == down, "client plaintext differs");
+    assert_eq!(w.s.stats().bytes_up, up.len() as u64);
+    assert_eq!(w.s.stats().bytes_down, down.len() as u64);
+    assert!(w.s.backend_negotiated().is_some());
+    // Client closes: close_notify reaches the backend through TLS, then the
+    // backend closes and the client gets close_notify.
+    c.send_close_notify();
+    run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+    assert!(w.backend_eof, "backend write side shut after close_notify");
+    b.send_close_notify();
+    run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(c.reader().read(&mut buf).unwrap(), 0, "client got close_notify");
+    assert!(w.g_fin_to_client);
+    w.c_fin = true;
+    w.run();
+    assert!(w.s.is_finished(), "session finished");
+    assert_eq!(w.s.close_reason(), Some(&CloseReason::Normal));
+}
+
+#[test]
+fn backend_tls_wrong_name_is_refused_with_502() {
+    let pki = pki();
+    let mut w = World::new(upstream_config(&pki, "not-the-backend.example"));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    let mut b = rustls::ServerConnection::new(pki.server.clone()).unwrap();
+    let mut got = Vec::new();
+    handshake(&mut w, &mut c);
+    c.writer()
+        .write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\n\r\n{}")
+        .unwrap();
+    let _ = run_tls_backend(&mut w, &mut c, &mut b, &mut got);
+    assert!(got.is_empty(), "no plaintext may reach an unverified backend");
+    let plain = w.take_plain(&mut c);
+    assert!(plain.starts_with(b"HTTP/1.1 502"), "{}", String::from_utf8_lossy(&plain));
+    assert!(
+        matches!(w.s.close_reason(), Some(CloseReason::BackendTlsFailed(_))),
+        "{:?}",
+        w.s.close_reason()
+    );
+}
+
+#[test]
+fn backend_tls_untrusted_ca_is_refused() {
+    let pki = pki();
+    let other = self::pki();
+    // The gateway trusts `other`'s root; the backend shows `pki`'s chain.
+    let mut w = World::new(upstream_config(&other, "localhost"));
+    w.s.cfg.tls = pki.server.clone();
+    let mut c = client(&pki, &rustls::version::TLS12);
+    let mut b = rustls::ServerConnection::new(pki.server.clone()).unwrap();
+    let mut got = Vec::new();
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"\x01\x02binary").unwrap();
+    let _ = run_tls_backend(&mut w, &mut c, &mut b, &mut got);
+    assert!(got.is_empty());
+    assert!(matches!(
+        w.s.close_reason(),
+        Some(CloseReason::BackendTlsFailed(rustls::Error::InvalidCertificate(_)))
+    ));
+}
+
+#[test]
+fn handshake_info_and_policy_deviation() {
+    let pki = pki();
+    let mut cfg = config(&pki);
+    cfg.expected_suites = Some(Arc::from(vec![rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256]));
+    let mut w = World::new(cfg);
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    let hs = w.s.handshake_info().expect("info after the handshake");
+    assert_eq!(hs.sni.as_deref(), Some("localhost"));
+    assert_eq!(hs.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    assert!(hs.suite.is_some() && hs.group.is_some());
+    assert!(!hs.resumed);
+    assert!(hs.client_cert.is_none());
+    assert_eq!(
+        hs.policy_deviation,
+        hs.suite != Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
+    );
+    assert!(hs.policy_deviation, "AES-GCM is preferred by default: a deviation here");
 }
