@@ -12,7 +12,11 @@
 //! - [`metrics`]: lock-free per-worker counters.
 //! - [`notify`]: systemd readiness notification.
 //! - [`offload`]: kernel TLS support detection and the `ktls` setting.
+//! - [`admin`]: the admin HTTP API (metrics, sessions, certificates, health) on its own thread.
+//! - [`prom`]: a tiny Prometheus text-format writer.
+//! - [`upstream`]: the rustls client configuration for TLS to the backend.
 
+pub mod admin;
 pub mod buf;
 pub mod config;
 pub mod exporter;
@@ -21,9 +25,11 @@ pub mod reload;
 pub mod metrics;
 pub mod notify;
 pub mod offload;
+pub mod prom;
 pub mod server;
 pub mod session;
 pub mod sniff;
 pub mod tls;
+pub mod upstream;
 pub mod uring;
 pub mod worker;
