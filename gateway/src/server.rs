@@ -498,6 +498,7 @@ fn prepare_listener(
                 cert: t.cert.clone(),
                 key: t.key.clone(),
                 insecure: t.insecure,
+                ..Default::default()
             };
             let err = |source| StartError::Upstream {
                 listener: l.name.clone(),
