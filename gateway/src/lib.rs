@@ -12,15 +12,21 @@
 //! - [`metrics`]: lock-free per-worker counters.
 //! - [`notify`]: systemd readiness notification.
 //! - [`offload`]: kernel TLS support detection and the `ktls` setting.
+//! - [`audit`]: per-session JSON-lines audit records, written off the data path.
+//! - [`proxy_v2`]: PROXY protocol v2 headers (with TLS TLVs) for backends.
+//! - [`tickets`]: stateless TLS session tickets with keys from files.
 
+pub mod audit;
 pub mod buf;
 pub mod config;
 pub mod metrics;
 pub mod notify;
 pub mod offload;
+pub mod proxy_v2;
 pub mod server;
 pub mod session;
 pub mod sniff;
+pub mod tickets;
 pub mod tls;
 pub mod uring;
 pub mod worker;
