@@ -15,20 +15,30 @@
 //! - [`admin`]: the admin HTTP API (metrics, sessions, certificates, health) on its own thread.
 //! - [`prom`]: a tiny Prometheus text-format writer.
 //! - [`upstream`]: the rustls client configuration for TLS to the backend.
+//! - [`audit`]: per-session JSON-lines audit records, written off the data path.
+//! - [`proxy_v2`]: PROXY protocol v2 headers (with TLS TLVs) for backends.
+//! - [`tickets`]: stateless TLS session tickets with keys from files.
+//! - [`certs`]: certificate loading, validation (roots, CRLs, dates) and SNI selection.
+//! - [`reload`]: rotating TLS material (certificates, CRLs, ticket keys) without dropping connections.
+//! - [`maintenance`]: expiry warnings, file-change reloads, and the admin API glue.
+//! - [`exporter`]: the Prometheus exposition.
 
 pub mod admin;
+pub mod audit;
 pub mod buf;
 pub mod config;
 pub mod exporter;
 pub mod maintenance;
-pub mod reload;
 pub mod metrics;
 pub mod notify;
 pub mod offload;
 pub mod prom;
+pub mod proxy_v2;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sniff;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;
 pub mod uring;
