@@ -343,7 +343,12 @@ impl Gateway {
         let admin = match &cfg.admin.listen {
             None => None,
             Some(a) => {
-                let listen = match crate::config::parse_admin_listen(a)? {
+                let listen = match crate::config::parse_admin_listen(a).map_err(|m| {
+                    crate::config::ConfigError::Invalid {
+                        key: "admin.listen".into(),
+                        message: m,
+                    }
+                })? {
                     crate::config::AdminAddr::Tcp(a) => crate::admin::AdminListen::Tcp(a),
                     crate::config::AdminAddr::Unix(p) => crate::admin::AdminListen::Unix(p),
                 };

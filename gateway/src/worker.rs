@@ -751,7 +751,7 @@ impl Worker {
                 debug!(
                     worker = self.id,
                     conn = key,
-                    listener = %listener.name,
+                    listener = %listener.info.name,
                     peer = %conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
                     version = ?hs.version,
                     suite = ?hs.suite,
@@ -768,7 +768,7 @@ impl Worker {
                     if let Some(skipped) = self.logs.policy.allow(now) {
                         warn!(
                             worker = self.id,
-                            listener = %listener.name,
+                            listener = %listener.info.name,
                             peer = %conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
                             suite = ?hs.suite,
                             version = ?hs.version,
@@ -777,7 +777,7 @@ impl Worker {
                         );
                     }
                 }
-                if listener.proxy_protocol {
+                if listener.info.proxy_protocol {
                     let header = proxy_header(conn, hs, identity.as_deref());
                     conn.session.set_backend_prefix(header);
                 }
@@ -931,11 +931,11 @@ impl Worker {
         AuditRecord {
             id: format!("{}-{}-{}", self.id, key, unix_micros(conn.started)),
             listener: l.info.name.clone(),
-            start: crate::audit::rfc3339(conn.started),
+            start: crate::audit::format_time(conn.started),
             end: if active {
                 String::new()
             } else {
-                crate::audit::rfc3339(end)
+                crate::audit::format_time(end)
             },
             duration_ms: elapsed.as_millis() as u64,
             client: conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
