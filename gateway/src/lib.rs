@@ -3,6 +3,7 @@
 //! Modules, by responsibility:
 //! - [`config`]: the TOML format, defaults, flag overrides, validation.
 //! - [`tls`]: rustls server configurations from PEM files and policy.
+//! - [`certs`]: validated certificate sets, the SNI resolver, mTLS verifier.
 //! - [`sniff`]: telling TLS from plaintext, and the plaintext answers.
 //! - [`buf`]: fixed-address byte buffers shared with the kernel.
 //! - [`session`]: the per-connection protocol state machine (no I/O).
@@ -14,6 +15,7 @@
 //! - [`offload`]: kernel TLS support detection and the `ktls` setting.
 
 pub mod buf;
+pub mod certs;
 pub mod config;
 pub mod metrics;
 pub mod notify;
