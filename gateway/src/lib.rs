@@ -3,6 +3,7 @@
 //! Modules, by responsibility:
 //! - [`config`]: the TOML format, defaults, flag overrides, validation.
 //! - [`tls`]: rustls server configurations from PEM files and policy.
+//! - [`certs`]: validated certificate sets, the SNI resolver, mTLS verifier.
 //! - [`sniff`]: telling TLS from plaintext, and the plaintext answers.
 //! - [`buf`]: fixed-address byte buffers shared with the kernel.
 //! - [`session`]: the per-connection protocol state machine (no I/O).
@@ -18,7 +19,6 @@
 //! - [`audit`]: per-session JSON-lines audit records, written off the data path.
 //! - [`proxy_v2`]: PROXY protocol v2 headers (with TLS TLVs) for backends.
 //! - [`tickets`]: stateless TLS session tickets with keys from files.
-//! - [`certs`]: certificate loading, validation (roots, CRLs, dates) and SNI selection.
 //! - [`reload`]: rotating TLS material (certificates, CRLs, ticket keys) without dropping connections.
 //! - [`maintenance`]: expiry warnings, file-change reloads, and the admin API glue.
 //! - [`exporter`]: the Prometheus exposition.
@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod audit;
 pub mod buf;
+pub mod certs;
 pub mod config;
 pub mod exporter;
 pub mod maintenance;
