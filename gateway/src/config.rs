@@ -498,7 +498,10 @@ impl Config {
             parse_admin_listen(a).map_err(|m| invalid("admin.listen", m))?;
         }
         if self.audit.path.as_deref() == Some("") {
-            return Err(invalid("audit.path", "must be a file path or \"-\" for stdout"));
+            return Err(invalid(
+                "audit.path",
+                "must be a file path or \"-\" for stdout",
+            ));
         }
         let mut seen = Vec::new();
         let mut out = Vec::with_capacity(self.listeners.len());
@@ -528,10 +531,7 @@ impl Config {
                     ));
                 }
                 if t.cert.is_some() != t.key.is_some() {
-                    return Err(invalid(
-                        key("backend.tls.cert"),
-                        "cert and key go together",
-                    ));
+                    return Err(invalid(key("backend.tls.cert"), "cert and key go together"));
                 }
             }
             let mut certs = l.certs.clone();
@@ -567,7 +567,10 @@ impl Config {
             }
             for (j, c) in certs.iter().enumerate() {
                 if c.name.is_empty() {
-                    return Err(invalid(key(&format!("certs[{j}].name")), "must not be empty"));
+                    return Err(invalid(
+                        key(&format!("certs[{j}].name")),
+                        "must not be empty",
+                    ));
                 }
             }
             for (j, c) in certs.iter().enumerate() {

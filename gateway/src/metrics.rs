@@ -168,11 +168,19 @@ mod tests {
         assert_eq!(s.closed, 3);
         assert!(s.pairs().contains(&("closed", 3)));
         assert_eq!(std::mem::align_of::<WorkerMetrics>(), 128);
-        a.handshake_time.record(std::time::Duration::from_micros(300));
+        a.handshake_time
+            .record(std::time::Duration::from_micros(300));
         b.handshake_time.record(std::time::Duration::from_secs(60));
         let s = snapshot([&a, &b]);
-        assert_eq!(s.handshake_time.buckets[1], 1, "300 µs lands in the 500 µs bucket");
-        assert_eq!(s.handshake_time.buckets[HANDSHAKE_BUCKETS_US.len()], 1, "+Inf");
+        assert_eq!(
+            s.handshake_time.buckets[1], 1,
+            "300 µs lands in the 500 µs bucket"
+        );
+        assert_eq!(
+            s.handshake_time.buckets[HANDSHAKE_BUCKETS_US.len()],
+            1,
+            "+Inf"
+        );
         assert_eq!(s.handshake_time.count(), 2);
         assert_eq!(s.handshake_time.sum_us, 60_000_300);
     }

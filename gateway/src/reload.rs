@@ -18,7 +18,7 @@ use rustls::server::{ProducesTickets, StoresServerSessions};
 use rustls::ServerConfig;
 use tracing::{info, warn};
 
-use crate::certs::{self, CertResolver, CertSet, CertSource, TrustConfig};
+use crate::certs::{self, CertResolver, CertSource, TrustConfig};
 use crate::config::{ClientAuthConfig, Listener, TlsPolicy};
 use crate::tls::{self, ServerParts};
 
@@ -86,26 +86,27 @@ impl TlsState {
         if trust.roots.is_none() {
             warn!("tls.trust_roots is not set: certificate chains are not validated against a trust anchor (validity dates and key match still are)");
         }
-        let (file_ticketer, ticketer): (Option<Arc<crate::tickets::Ticketer>>, Arc<dyn ProducesTickets>) =
-            if policy.ticket_keys.is_empty() {
-                let t = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| {
-                    crate::config::ConfigError::Invalid {
-                        key: "tls.ticket_keys".into(),
-                        message: format!("cannot create a ticketer: {e}"),
-                    }
-                })?;
-                (None, t)
-            } else {
-                let keys = crate::tickets::TicketKeys::load(&policy.ticket_keys)?;
-                let t = Arc::new(
-                    crate::tickets::Ticketer::new(keys).with_lifetime(policy.ticket_lifetime),
-                );
-                info!(
-                    files = policy.ticket_keys.len(),
-                    "session tickets: keys from files (shared across hosts)"
-                );
-                (Some(t.clone()), t)
-            };
+        let (file_ticketer, ticketer): (
+            Option<Arc<crate::tickets::Ticketer>>,
+            Arc<dyn ProducesTickets>,
+        ) = if policy.ticket_keys.is_empty() {
+            let t = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| {
+                crate::config::ConfigError::Invalid {
+                    key: "tls.ticket_keys".into(),
+                    message: format!("cannot create a ticketer: {e}"),
+                }
+            })?;
+            (None, t)
+        } else {
+            let keys = crate::tickets::TicketKeys::load(&policy.ticket_keys)?;
+            let t =
+                Arc::new(crate::tickets::Ticketer::new(keys).with_lifetime(policy.ticket_lifetime));
+            info!(
+                files = policy.ticket_keys.len(),
+                "session tickets: keys from files (shared across hosts)"
+            );
+            (Some(t.clone()), t)
+        };
         let session_storage: Arc<dyn StoresServerSessions + Send + Sync> =
             rustls::server::ServerSessionMemoryCache::new(4096);
         let mut state = TlsState {
@@ -259,7 +260,11 @@ impl TlsState {
         let now = SystemTime::now();
         let mut out = Vec::new();
         for l in &self.listeners {
-            for (name, secs) in l.resolver.current().expiring(now, self.policy.expiry_warning) {
+            for (name, secs) in l
+                .resolver
+                .current()
+                .expiring(now, self.policy.expiry_warning)
+            {
                 out.push((l.name.clone(), name, secs));
             }
         }

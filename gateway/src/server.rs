@@ -127,7 +127,10 @@ impl Shared {
     }
 
     /// Reloads certificates, CRLs and ticket keys; logs the outcome.
-    pub fn reload(&self, trigger: &str) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
+    pub fn reload(
+        &self,
+        trigger: &str,
+    ) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
         match self.tls.reload() {
             Ok(s) => {
                 info!(
@@ -511,7 +514,8 @@ fn prepare_listener(
             };
             let versions = crate::tls::policy_versions(&cfg.tls)?;
             let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let config = crate::upstream::client_config(&settings, &versions, provider).map_err(err)?;
+            let config =
+                crate::upstream::client_config(&settings, &versions, provider).map_err(err)?;
             let server_name = crate::upstream::server_name(&settings).map_err(err)?;
             Some(crate::session::UpstreamTls {
                 config,

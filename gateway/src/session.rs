@@ -1134,8 +1134,8 @@ impl Session {
                 ConnectionState::ReadTraffic(mut rt) => {
                     // Data right behind the client's Finished.
                     hs_done_now = self.phase == Phase::Handshake;
-                    let up_idle = self.btls.is_some()
-                        || self.in_flight & OpKind::BackendSend.bit() == 0;
+                    let up_idle =
+                        self.btls.is_some() || self.in_flight & OpKind::BackendSend.bit() == 0;
                     let mut progressed = false;
                     while let Some(len) = rt.peek_len() {
                         if room(&self.up, up_idle) < len.get() {

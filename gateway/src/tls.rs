@@ -98,7 +98,11 @@ pub fn expected_suites(
         return Ok(None);
     }
     let base = base_provider(policy)?;
-    let found = find_suites(&base, &policy.expected_cipher_suites, "tls.expected_cipher_suites")?;
+    let found = find_suites(
+        &base,
+        &policy.expected_cipher_suites,
+        "tls.expected_cipher_suites",
+    )?;
     Ok(Some(found.iter().map(|s| s.suite()).collect()))
 }
 

@@ -942,9 +942,16 @@ impl Worker {
             backend: (conn.backend.is_some() || stats.bytes_up > 0)
                 .then(|| l.backend.display.clone()),
             sni: hs.and_then(|h| h.sni.clone()),
-            alpn: hs.and_then(|h| h.alpn.as_deref().map(|a| String::from_utf8_lossy(a).into_owned())),
+            alpn: hs.and_then(|h| {
+                h.alpn
+                    .as_deref()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+            }),
             tls_version: label(hs.and_then(|h| h.version).map(version_name)),
-            cipher_suite: hs.and_then(|h| h.suite).and_then(|s| s.as_str()).map(String::from),
+            cipher_suite: hs
+                .and_then(|h| h.suite)
+                .and_then(|s| s.as_str())
+                .map(String::from),
             kx_group: hs.and_then(|h| h.group).map(|g| format!("{g:?}")),
             resumed: hs.is_some_and(|h| h.resumed),
             path: if stats.ktls {
@@ -985,7 +992,11 @@ fn version_name(v: rustls::ProtocolVersion) -> String {
 }
 
 /// The PROXY v2 header for a connection whose handshake just completed.
-fn proxy_header(conn: &Conn, hs: &crate::session::HandshakeInfo, identity: Option<&str>) -> Vec<u8> {
+fn proxy_header(
+    conn: &Conn,
+    hs: &crate::session::HandshakeInfo,
+    identity: Option<&str>,
+) -> Vec<u8> {
     let (Some(src), Some(dst)) = (conn.peer, conn.local) else {
         return crate::proxy_v2::encode_local();
     };

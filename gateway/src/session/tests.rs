@@ -854,13 +854,18 @@ fn backend_tls_relays_both_ways_byte_exact() {
     handshake(&mut w, &mut c);
     // The prefix goes in clear before the backend's ClientHello.
     w.run();
-    assert!(w.backend_got.starts_with(b"PREFIX\x16\x03"), "{:?}", &w.backend_got[..8]);
+    assert!(
+        w.backend_got.starts_with(b"PREFIX\x16\x03"),
+        "{:?}",
+        &w.backend_got[..8]
+    );
     w.backend_got.drain(..6);
     let up: Vec<u8> = (0..700_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let down: Vec<u8> = (0..500_000u32).map(|i| (i * 13 + i / 97) as u8).collect();
     b.set_buffer_limit(None);
     let mut plain = Vec::new();
-    let (ups, downs): (Vec<_>, Vec<_>) = (up.chunks(50_000).collect(), down.chunks(40_000).collect());
+    let (ups, downs): (Vec<_>, Vec<_>) =
+        (up.chunks(50_000).collect(), down.chunks(40_000).collect());
     for i in 0..ups.len().max(downs.len()) {
         if let Some(u) = ups.get(i) {
             c.writer().write_all(u).unwrap();
@@ -890,7 +895,11 @@ fn backend_tls_relays_both_ways_byte_exact() {
     b.send_close_notify();
     run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
     let mut buf = [0u8; 4];
-    assert_eq!(c.reader().read(&mut buf).unwrap(), 0, "client got close_notify");
+    assert_eq!(
+        c.reader().read(&mut buf).unwrap(),
+        0,
+        "client got close_notify"
+    );
     assert!(w.g_fin_to_client);
     w.c_fin = true;
     w.run();
@@ -910,9 +919,16 @@ fn backend_tls_wrong_name_is_refused_with_502() {
         .write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\n\r\n{}")
         .unwrap();
     let _ = run_tls_backend(&mut w, &mut c, &mut b, &mut got);
-    assert!(got.is_empty(), "no plaintext may reach an unverified backend");
+    assert!(
+        got.is_empty(),
+        "no plaintext may reach an unverified backend"
+    );
     let plain = w.take_plain(&mut c);
-    assert!(plain.starts_with(b"HTTP/1.1 502"), "{}", String::from_utf8_lossy(&plain));
+    assert!(
+        plain.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&plain)
+    );
     assert!(
         matches!(w.s.close_reason(), Some(CloseReason::BackendTlsFailed(_))),
         "{:?}",
@@ -936,7 +952,9 @@ fn backend_tls_untrusted_ca_is_refused() {
     assert!(got.is_empty());
     assert!(matches!(
         w.s.close_reason(),
-        Some(CloseReason::BackendTlsFailed(rustls::Error::InvalidCertificate(_)))
+        Some(CloseReason::BackendTlsFailed(
+            rustls::Error::InvalidCertificate(_)
+        ))
     ));
 }
 
@@ -944,7 +962,9 @@ fn backend_tls_untrusted_ca_is_refused() {
 fn handshake_info_and_policy_deviation() {
     let pki = pki();
     let mut cfg = config(&pki);
-    cfg.expected_suites = Some(Arc::from(vec![rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256]));
+    cfg.expected_suites = Some(Arc::from(vec![
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+    ]));
     let mut w = World::new(cfg);
     let mut c = client(&pki, &rustls::version::TLS13);
     handshake(&mut w, &mut c);
@@ -958,5 +978,8 @@ fn handshake_info_and_policy_deviation() {
         hs.policy_deviation,
         hs.suite != Some(rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256)
     );
-    assert!(hs.policy_deviation, "AES-GCM is preferred by default: a deviation here");
+    assert!(
+        hs.policy_deviation,
+        "AES-GCM is preferred by default: a deviation here"
+    );
 }
