@@ -25,10 +25,10 @@ use crate::tls::{self, ServerParts};
 /// Reload failures; the old material keeps serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("{listener}: {source}")]
+    #[error("{listener}: {error}")]
     Cert {
         listener: String,
-        source: certs::CertError,
+        error: certs::CertError,
     },
     #[error("session ticket keys: {0}")]
     Tickets(#[from] crate::tickets::TicketError),
@@ -125,7 +125,7 @@ impl TlsState {
             let set = certs::load_set(&sources, &state.trust, now).map_err(|source| {
                 ReloadError::Cert {
                     listener: l.name.clone(),
-                    source,
+                    error: source,
                 }
             })?;
             let resolver = Arc::new(CertResolver::new(set));
@@ -152,7 +152,7 @@ impl TlsState {
                 certs::client_verifier(&ca.ca, &ca.crls, ca.required).map_err(|source| {
                     ReloadError::Cert {
                         listener: listener.to_string(),
-                        source,
+                        error: source,
                     }
                 })?,
             ),
@@ -184,7 +184,7 @@ impl TlsState {
             let set = certs::load_set(&l.sources, &self.trust, now).map_err(|source| {
                 ReloadError::Cert {
                     listener: l.name.clone(),
-                    source,
+                    error: source,
                 }
             })?;
             // A new resolver is only used to validate the client-auth
@@ -223,7 +223,7 @@ impl TlsState {
             .ok_or_else(|| ReloadError::UnknownName(name.to_string()))?;
         let cert_err = |source| ReloadError::Cert {
             listener: l.name.clone(),
-            source,
+            error: source,
         };
         let (chain, key) = certs::parse_pem_bundle(pem).map_err(cert_err)?;
         let chain_pem = certs::chain_to_pem(&chain);

@@ -59,10 +59,10 @@ pub enum StartError {
     KtlsRequired(String),
     #[error(transparent)]
     Tls(#[from] crate::reload::ReloadError),
-    #[error("{listener}.backend.tls: {source}")]
+    #[error("{listener}.backend.tls: {error}")]
     Upstream {
         listener: String,
-        source: crate::upstream::UpstreamError,
+        error: crate::upstream::UpstreamError,
     },
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
@@ -508,9 +508,9 @@ fn prepare_listener(
                 insecure: t.insecure,
                 ..Default::default()
             };
-            let err = |source| StartError::Upstream {
+            let err = |error| StartError::Upstream {
                 listener: l.name.clone(),
-                source,
+                error,
             };
             let versions = crate::tls::policy_versions(&cfg.tls)?;
             let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

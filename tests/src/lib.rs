@@ -14,8 +14,10 @@
 
 pub mod backend;
 pub mod client;
+pub mod corp_pki;
 pub mod gateway;
 pub mod pki;
+pub mod tls_backend;
 pub mod util;
 
 pub use backend::{mcp_response_body, Backend, BackendStream, Record, RefusedAddr, Stats};
