@@ -1417,8 +1417,10 @@ fn room(buf: &Buf, may_compact: bool) -> usize {
     }
 }
 
-fn encode_into_vec(
-    enc: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+/// Encodes a handshake message into a growable vector (for messages that
+/// do not fit the record buffer). Either side's connection.
+fn encode_into_vec<Data>(
+    enc: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
     out: &mut Vec<u8>,
 ) -> Result<(), rustls::Error> {
     let start = out.len();

@@ -56,37 +56,45 @@ fn versions(policy: &TlsPolicy) -> Result<Vec<&'static SupportedProtocolVersion>
     Ok(out)
 }
 
+/// Picks `names` out of `items` (matched case-insensitively against
+/// `name_of`), in the given order; an unknown name is an error naming `key`
+/// and listing what is known.
+fn pick<T: Copy>(
+    items: &[T],
+    names: &[String],
+    key: &str,
+    what: &str,
+    name_of: impl Fn(&T) -> String,
+) -> Result<Vec<T>, ConfigError> {
+    let mut chosen = Vec::new();
+    for name in names {
+        match items.iter().find(|i| name_of(i).eq_ignore_ascii_case(name)) {
+            Some(i) => chosen.push(*i),
+            None => {
+                let known: Vec<String> = items.iter().map(&name_of).collect();
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    message: format!("unknown {what} \"{name}\"; known: {}", known.join(", ")),
+                });
+            }
+        }
+    }
+    Ok(chosen)
+}
+
 /// Looks up suite names in the provider, naming `key` in errors.
 fn find_suites(
     provider: &CryptoProvider,
     names: &[String],
     key: &str,
 ) -> Result<Vec<rustls::SupportedCipherSuite>, ConfigError> {
-    let mut chosen = Vec::new();
-    for name in names {
-        let found = provider
-            .cipher_suites
-            .iter()
-            .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name));
-        match found {
-            Some(s) => chosen.push(*s),
-            None => {
-                let known: Vec<String> = provider
-                    .cipher_suites
-                    .iter()
-                    .map(|s| format!("{:?}", s.suite()))
-                    .collect();
-                return Err(ConfigError::Invalid {
-                    key: key.into(),
-                    message: format!(
-                        "unknown or disallowed suite \"{name}\"; known: {}",
-                        known.join(", ")
-                    ),
-                });
-            }
-        }
-    }
-    Ok(chosen)
+    pick(
+        &provider.cipher_suites,
+        names,
+        key,
+        "or disallowed suite",
+        |s| format!("{:?}", s.suite()),
+    )
 }
 
 /// The suites a handshake is expected to end with, when a policy names
@@ -127,52 +135,22 @@ pub fn provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
 fn base_provider(policy: &TlsPolicy) -> Result<CryptoProvider, ConfigError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if !policy.groups.is_empty() {
-        let mut chosen = Vec::new();
-        for name in &policy.groups {
-            let found = provider
-                .kx_groups
-                .iter()
-                .find(|g| format!("{:?}", g.name()).eq_ignore_ascii_case(name));
-            match found {
-                Some(g) => chosen.push(*g),
-                None => {
-                    let known: Vec<String> = provider
-                        .kx_groups
-                        .iter()
-                        .map(|g| format!("{:?}", g.name()))
-                        .collect();
-                    return Err(ConfigError::Invalid {
-                        key: "tls.groups".into(),
-                        message: format!("unknown group \"{name}\"; known: {}", known.join(", ")),
-                    });
-                }
-            }
-        }
-        provider.kx_groups = chosen;
+        provider.kx_groups = pick(
+            &provider.kx_groups,
+            &policy.groups,
+            "tls.groups",
+            "group",
+            |g| format!("{:?}", g.name()),
+        )?;
     }
     if !policy.cipher_suites.is_empty() {
-        let mut chosen = Vec::new();
-        for name in &policy.cipher_suites {
-            let found = provider
-                .cipher_suites
-                .iter()
-                .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name));
-            match found {
-                Some(s) => chosen.push(*s),
-                None => {
-                    let known: Vec<String> = provider
-                        .cipher_suites
-                        .iter()
-                        .map(|s| format!("{:?}", s.suite()))
-                        .collect();
-                    return Err(ConfigError::Invalid {
-                        key: "tls.cipher_suites".into(),
-                        message: format!("unknown suite \"{name}\"; known: {}", known.join(", ")),
-                    });
-                }
-            }
-        }
-        provider.cipher_suites = chosen;
+        provider.cipher_suites = pick(
+            &provider.cipher_suites,
+            &policy.cipher_suites,
+            "tls.cipher_suites",
+            "suite",
+            |s| format!("{:?}", s.suite()),
+        )?;
     }
     Ok(provider)
 }

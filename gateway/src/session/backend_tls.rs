@@ -161,7 +161,7 @@ impl BackendTls {
                     match res {
                         Ok(n) => self.tls_out.commit(n),
                         Err(EncodeError::InsufficientSize(_)) => {
-                            let r = encode_into_vec(&mut enc, &mut self.overflow);
+                            let r = super::encode_into_vec(&mut enc, &mut self.overflow);
                             if let Err(e) = r {
                                 self.tls_in.consume(discard);
                                 return Err(e);
@@ -265,28 +265,4 @@ fn encrypt_moved(
         up.compact();
     }
     Ok(total)
-}
-
-fn encode_into_vec(
-    enc: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::client::ClientConnectionData>,
-    out: &mut Vec<u8>,
-) -> Result<(), rustls::Error> {
-    let start = out.len();
-    let mut need = 4096;
-    for _ in 0..8 {
-        out.resize(start + need, 0);
-        match enc.encode(&mut out[start..]) {
-            Ok(n) => {
-                out.truncate(start + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(e)) => need = e.required_size.max(need * 2),
-            Err(EncodeError::AlreadyEncoded) => {
-                out.truncate(start);
-                return Ok(());
-            }
-        }
-    }
-    out.truncate(start);
-    Err(rustls::Error::General("handshake message too large".into()))
 }
