@@ -60,6 +60,17 @@ impl KtlsSupport {
         Self { pairs, rekey: true }
     }
 
+    /// Exactly one version and suite, without asking the kernel: for tests.
+    pub fn only(version: ProtocolVersion, suite: rustls::CipherSuite) -> Self {
+        let pairs = ktls_setup::crypto::cipher_for_suite(suite)
+            .map(|c| vec![(version, c)])
+            .unwrap_or_default();
+        Self {
+            pairs,
+            rekey: false,
+        }
+    }
+
     /// Human-readable list, for the start-up log.
     pub fn describe(&self) -> String {
         self.pairs

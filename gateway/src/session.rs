@@ -126,6 +126,9 @@ pub enum Io {
     ClientControl,
     /// Send close_notify on the kTLS client socket.
     CloseNotify,
+    /// Read one non-data record from the kTLS backend socket (double TLS)
+    /// and act on it; report with [`Session::on_backend_control`].
+    BackendControl,
 }
 
 /// A relay direction.
@@ -159,6 +162,7 @@ impl Io {
             Io::SpliceOut { dir: Dir::Down, .. } => OpKind::SpliceDownOut,
             Io::ClientControl => OpKind::ClientControl,
             Io::CloseNotify => OpKind::CloseNotify,
+            Io::BackendControl => OpKind::BackendControl,
         }
     }
 }
@@ -185,10 +189,11 @@ pub enum OpKind {
     SpliceDownOut = 15,
     ClientControl = 16,
     CloseNotify = 17,
+    BackendControl = 18,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 18] = [
+    pub const ALL: [OpKind; 19] = [
         OpKind::ClientRecv,
         OpKind::ClientSend,
         OpKind::ClientShutdown,
@@ -207,6 +212,7 @@ impl OpKind {
         OpKind::SpliceDownOut,
         OpKind::ClientControl,
         OpKind::CloseNotify,
+        OpKind::BackendControl,
     ];
 
     pub fn bit(self) -> u32 {
@@ -408,6 +414,9 @@ pub struct Session {
     stats: SessionStats,
     /// TLS to the backend (user space), once connected.
     btls: Option<Box<backend_tls::BackendTls>>,
+    /// The backend connection's records went into the kernel too (double
+    /// TLS offload): `btls` is gone, the backend socket is a kTLS socket.
+    backend_ktls: bool,
     /// What the handshake negotiated, once it completed.
     hs: Option<Box<HandshakeInfo>>,
     /// SNI read from the ClientHello (rustls' unbuffered API has no getter).
@@ -453,6 +462,7 @@ impl Session {
             reason: None,
             stats: SessionStats::default(),
             btls: None,
+            backend_ktls: false,
             hs: None,
             sni: None,
             sni_checked: false,
@@ -597,7 +607,13 @@ impl Session {
                 return Some(Io::BackendConnect);
             }
             Backend::Connected | Backend::Handshaking if self.btls.is_some() => {
-                return self.next_io_backend_tls();
+                if let Some(io) = self.next_io_backend_tls() {
+                    return Some(io);
+                }
+                if self.mode == Mode::PendingOffload && self.backend == Backend::Connected {
+                    return self.offload_when_quiet();
+                }
+                return None;
             }
             Backend::Connected => {}
             _ => return None,
@@ -635,6 +651,10 @@ impl Session {
         let send_idle = self.idle(OpKind::BackendSend);
         let recv_idle = self.idle(OpKind::BackendRecv);
         let shut_idle = self.idle(OpKind::BackendShutdown);
+        // Both sockets are about to move into the kernel: read the backend
+        // one record at a time during its handshake, and not at all after,
+        // so every byte past the handshake is the kernel's to decrypt.
+        let offloading = self.mode == Mode::PendingOffload;
         let b = self.btls.as_mut()?;
         b.flush_overflow(send_idle);
         if send_idle && !b.tls_out.is_empty() {
@@ -651,12 +671,17 @@ impl Session {
             self.backend_wr_shut = true;
             return Some(Io::BackendShutdown);
         }
-        if recv_idle && !b.tcp_eof && !b.peer_closed {
+        let reads_over = b.tcp_eof || b.peer_closed || (offloading && b.handshake_done);
+        if recv_idle && !reads_over {
             if b.tls_in.spare_len() < MAX_RECORD_PLAINTEXT {
                 b.tls_in.compact();
             }
-            if b.tls_in.spare_len() > 0 {
-                let (ptr, len) = b.tls_in.spare_raw();
+            let mut len = b.tls_in.spare_len();
+            if offloading {
+                len = len.min(kernel::record_remaining(b.tls_in.filled()));
+            }
+            if len > 0 {
+                let (ptr, _) = b.tls_in.spare_raw();
                 return Some(Io::BackendRecv { ptr, len });
             }
         }
@@ -757,6 +782,16 @@ impl Session {
     }
 
     fn on_client_send(&mut self, res: i32) {
+        if res >= 0 && self.mode == Mode::Kernel {
+            // Plaintext from a backend control read, sent through the
+            // client's kTLS socket.
+            self.down.consume(res as usize);
+            self.stats.bytes_down += res as u64;
+            if self.down.is_empty() {
+                self.down.compact();
+            }
+            return;
+        }
         if res >= 0 {
             self.tls_out.consume(res as usize);
             if self.tls_out.is_empty() {
@@ -1042,6 +1077,11 @@ impl Session {
             Ok(()) => {
                 if done && self.backend == Backend::Handshaking {
                     self.backend = Backend::Connected;
+                    if self.mode == Mode::PendingOffload && !self.backend_offload_possible() {
+                        // The backend's suite cannot go into the kernel:
+                        // both legs stay in user space.
+                        self.mode = Mode::User;
+                    }
                 }
                 if closed {
                     self.backend_rd_done = true;
@@ -1468,5 +1508,25 @@ mod backend_tls;
 mod kernel;
 pub use backend_tls::UpstreamTls;
 pub use kernel::{ControlEvent, PIPE_CAP};
+
+impl Session {
+    /// Hands the backend's rustls connection to the driver (double TLS
+    /// offload). Only valid while `Io::Offload` is in flight.
+    pub fn take_backend_tls_for_offload(
+        &mut self,
+    ) -> Option<rustls::client::UnbufferedClientConnection> {
+        if self.idle(OpKind::Offload) {
+            return None;
+        }
+        let b = self.btls.take()?;
+        self.backend_ktls = true;
+        Some(b.into_conn())
+    }
+
+    /// Whether the backend socket is a kTLS socket.
+    pub fn backend_is_ktls(&self) -> bool {
+        self.backend_ktls
+    }
+}
 #[cfg(test)]
 mod tests;

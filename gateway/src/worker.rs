@@ -158,6 +158,8 @@ struct Conn {
     identity: Option<String>,
     /// Kernel TLS state once the record layer moved into the kernel.
     ktls: Option<KtlsConn<ServerConnectionData>>,
+    /// The backend leg's kernel TLS state (double TLS offload).
+    backend_ktls: Option<KtlsConn<rustls::client::ClientConnectionData>>,
     /// Pipes held while bytes are in flight: [up, down].
     pipes: [Option<Pipe>; 2],
 }
@@ -363,13 +365,17 @@ impl Worker {
             TAG_CANCEL => {}
             t => match (OpKind::from_u8(t as u8), self.conns.get_mut(key)) {
                 (Some(kind), Some(conn)) => {
-                    if kind == OpKind::SpliceDownOut && res > 0 {
+                    if (kind == OpKind::SpliceDownOut || kind == OpKind::SpliceUpOut) && res > 0 {
                         let rekey = self.listeners[conn.listener]
                             .session
                             .ktls
                             .as_ref()
                             .is_some_and(|k| k.rekey);
-                        account_sent(conn, res as u64, rekey, now);
+                        if kind == OpKind::SpliceDownOut {
+                            account_sent(conn, res as u64, rekey, now);
+                        } else {
+                            account_sent_backend(conn, res as u64, rekey, now);
+                        }
                     }
                     conn.session.complete(kind, res, now);
                     self.drive(key, now);
@@ -485,6 +491,7 @@ impl Worker {
             local,
             identity: None,
             ktls: None,
+            backend_ktls: None,
             pipes: [None, None],
         });
         WorkerMetrics::inc(&self.metrics.accepted);
@@ -631,7 +638,17 @@ impl Worker {
                     }
                 },
                 Io::BackendShutdown => match backend {
-                    Some(fd) => opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR).build(),
+                    Some(fd) => {
+                        if let (Some(k), Some(b)) =
+                            (conn.backend_ktls.as_mut(), conn.backend.as_ref())
+                        {
+                            // A kTLS backend gets close_notify before the FIN.
+                            if let Err(e) = k.send_close_notify(b.as_fd()) {
+                                debug!(worker = self.id, conn = key, error = %e, "close_notify to the backend failed");
+                            }
+                        }
+                        opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR).build()
+                    }
                     None => {
                         conn.session.complete(kind, -libc::ENOTCONN, now);
                         continue;
@@ -709,6 +726,21 @@ impl Worker {
                         }
                     }
                     conn.session.on_control(ev, now);
+                    continue;
+                }
+                Io::BackendControl => {
+                    let ev = read_backend_control(conn, &mut self.control_buf);
+                    if let ControlEvent::Fatal(msg) | ControlEvent::CloseCleanly(msg) = &ev {
+                        if let Some(skipped) = self.logs.ktls.allow(now) {
+                            info!(
+                                worker = self.id,
+                                conn = key,
+                                skipped,
+                                "kernel TLS backend connection ends: {msg}"
+                            );
+                        }
+                    }
+                    conn.session.on_backend_control(ev, now);
                     continue;
                 }
                 Io::CloseNotify => {
@@ -1041,7 +1073,68 @@ fn offload(conn: &mut Conn) -> Result<(), String> {
         .map_err(|e| format!("extracting secrets: {e}"))?;
     let k = KtlsConn::offload(conn.client.as_fd(), secrets, kernel).map_err(|e| e.to_string())?;
     conn.ktls = Some(k);
+    if let Some(btls) = conn.session.take_backend_tls_for_offload() {
+        let backend = conn
+            .backend
+            .as_ref()
+            .ok_or("backend TLS without a backend socket")?;
+        let (secrets, kernel) = btls
+            .dangerous_into_kernel_connection()
+            .map_err(|e| format!("extracting backend secrets: {e}"))?;
+        let k = KtlsConn::offload(backend.as_fd(), secrets, kernel)
+            .map_err(|e| format!("backend: {e}"))?;
+        conn.backend_ktls = Some(k);
+    }
     Ok(())
+}
+
+/// Reads the non-data record at the head of a kTLS backend socket (double
+/// TLS) and acts on it (session tickets, close_notify, KeyUpdate, alerts).
+fn read_backend_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
+    let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) else {
+        return ControlEvent::Fatal("backend control record without kernel TLS".into());
+    };
+    let limit = conn.session.backend_control_buf().len().min(scratch.len());
+    match ktls_setup::sock::recv_record(fd.as_fd(), &mut scratch[..limit]) {
+        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, 0)) => ControlEvent::Eof,
+        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, n)) => {
+            conn.session.backend_control_buf()[..n].copy_from_slice(&scratch[..n]);
+            ControlEvent::Data(n)
+        }
+        Ok((typ, n)) => match k.handle_record(fd.as_fd(), typ, &scratch[..n]) {
+            Ok(ktls_setup::ControlOutcome::CloseNotify) => ControlEvent::CloseNotify,
+            Ok(_) => ControlEvent::Handled,
+            Err(ktls_setup::KtlsError::RekeyUnsupported) => ControlEvent::CloseCleanly(
+                "the backend updated its TLS 1.3 keys (KeyUpdate) and this kernel cannot install new keys on a kTLS socket (needs Linux 6.14+); closing cleanly".into(),
+            ),
+            Err(e) => ControlEvent::Fatal(e.to_string()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ControlEvent::WouldBlock,
+        Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => {
+            ControlEvent::Fatal("a record from the backend failed to decrypt".into())
+        }
+        Err(e) => ControlEvent::Fatal(format!("reading a backend control record: {e}")),
+    }
+}
+
+/// [`account_sent`] for the backend leg of a double-TLS offload.
+fn account_sent_backend(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
+    let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) else {
+        return;
+    };
+    if k.note_sent(bytes) {
+        if !rekey {
+            conn.session.kernel_error(
+                "confidentiality limit of the backend's cipher suite reached and this kernel cannot update kTLS keys".into(),
+                now,
+            );
+        } else if let Err(e) = k.update_tx_keys(fd.as_fd(), false) {
+            conn.session.kernel_error(
+                format!("backend confidentiality limit reached and keys cannot be updated: {e}"),
+                now,
+            );
+        }
+    }
 }
 
 /// Reads the non-data record at the head of a kTLS client socket and acts

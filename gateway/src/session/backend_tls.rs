@@ -71,6 +71,11 @@ impl BackendTls {
         })
     }
 
+    /// The rustls connection, for the kernel offload.
+    pub fn into_conn(self) -> UnbufferedClientConnection {
+        self.conn
+    }
+
     /// Negotiated version and suite, once known.
     pub fn negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
         Some((

@@ -49,6 +49,8 @@ pub(super) struct KernelRelay {
     backend_writable: bool,
     /// A non-data record waits at the head of the client's receive queue.
     control_pending: bool,
+    /// The same at the head of the backend's (kTLS backend only).
+    backend_control_pending: bool,
 }
 
 /// What a control record read by the driver turned out to be.
@@ -78,14 +80,18 @@ impl Session {
         let Some(k) = &self.cfg.ktls else {
             return false;
         };
-        if self.cfg.upstream.is_some() {
-            // Backend TLS runs in user space; the client side stays there
-            // too so one record layer serves both.
-            return false;
-        }
         match self.negotiated() {
             Some((version, suite)) => k.supports(version, suite),
             None => false,
+        }
+    }
+
+    /// With TLS to the backend, whether its negotiated suite can go into
+    /// the kernel as well (known once its handshake is done).
+    pub(super) fn backend_offload_possible(&self) -> bool {
+        match (&self.cfg.ktls, self.backend_negotiated()) {
+            (Some(k), Some((version, suite))) => k.supports(version, suite),
+            _ => false,
         }
     }
 
@@ -122,6 +128,27 @@ impl Session {
             self.mode = Mode::User;
             return None;
         }
+        if let Some(b) = &self.btls {
+            // Double TLS: the backend leg must be quiet too, and every
+            // plaintext byte already decrypted delivered (by the user-space
+            // record layers) before the keys move.
+            if !b.tls_in.is_empty() {
+                self.mode = Mode::User;
+                return None;
+            }
+            if !b.handshake_done
+                || !b.tls_out.is_empty()
+                || !b.overflow_empty()
+                || !self.up.is_empty()
+                || !self.down.is_empty()
+                || !self.idle(OpKind::BackendSend)
+                || !self.idle(OpKind::BackendRecv)
+                || !self.idle(OpKind::Offload)
+            {
+                return None;
+            }
+            return Some(Io::Offload);
+        }
         if !self.up.is_empty() {
             if self.idle(OpKind::BackendSend) {
                 let (ptr, len) = self.up.filled_raw();
@@ -156,7 +183,13 @@ impl Session {
         // read together with a control record.
         self.tls_in = Buf::new(0);
         self.tls_out = Buf::new(0);
-        self.down = Buf::new(0);
+        // With a kTLS backend, a small buffer for a data record read
+        // together with a backend control record.
+        self.down = Buf::new(if self.backend_ktls {
+            CONTROL_DATA_CAP
+        } else {
+            0
+        });
         if self.up.is_empty() && self.idle(OpKind::BackendSend) {
             self.up = Buf::new(CONTROL_DATA_CAP);
         }
@@ -232,6 +265,45 @@ impl Session {
             }
             ControlEvent::Fatal(msg) => {
                 self.finish(CloseReason::KtlsClosed(msg));
+                return;
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Buffer for a backend control read that turns out to be data.
+    pub fn backend_control_buf(&mut self) -> &mut [u8] {
+        if self.idle(OpKind::ClientSend) {
+            self.down.compact();
+        }
+        self.down.spare_mut()
+    }
+
+    /// Result of an `Io::BackendControl`; completes that operation.
+    pub fn on_backend_control(&mut self, ev: ControlEvent, now: Instant) {
+        debug_assert!(!self.idle(OpKind::BackendControl));
+        self.in_flight &= !OpKind::BackendControl.bit();
+        self.kernel.backend_control_pending = false;
+        if self.phase == Phase::Done {
+            return;
+        }
+        match ev {
+            ControlEvent::CloseNotify | ControlEvent::Eof => self.backend_rd_done = true,
+            ControlEvent::Handled => self.kernel.backend_readable = true,
+            ControlEvent::Data(n) => {
+                self.down.commit(n);
+                self.last_activity = now;
+                self.kernel.backend_readable = true;
+            }
+            ControlEvent::WouldBlock => self.kernel.backend_readable = false,
+            ControlEvent::CloseCleanly(msg) => {
+                if self.reason.is_none() {
+                    self.reason = Some(CloseReason::KtlsClosed(msg));
+                }
+                self.kernel_close_gracefully();
+            }
+            ControlEvent::Fatal(msg) => {
+                self.finish(CloseReason::KtlsClosed(format!("backend: {msg}")));
                 return;
             }
         }
@@ -333,7 +405,20 @@ impl Session {
                 return Some(Io::BackendShutdown);
             }
             // Backend → client.
+            if self.kernel.backend_control_pending
+                && self.idle(OpKind::BackendControl)
+                && self.idle(OpKind::SpliceDownIn)
+                && self.idle(OpKind::ClientSend)
+                && self.kernel.down_fill == 0
+            {
+                self.down.compact();
+                if self.down.spare_len() > 0 {
+                    return Some(Io::BackendControl);
+                }
+            }
             if !self.backend_rd_done
+                && !self.kernel.backend_control_pending
+                && self.down.is_empty()
                 && self.kernel.down_fill < cap
                 && self.idle(OpKind::SpliceDownIn)
                 && self.idle(OpKind::BackendPollIn)
@@ -347,6 +432,15 @@ impl Session {
                     Io::BackendPollIn
                 });
             }
+        }
+        if !self.down.is_empty()
+            && self.kernel.down_fill == 0
+            && !self.client_wr_shut
+            && self.idle(OpKind::SpliceDownOut)
+            && self.idle(OpKind::ClientSend)
+        {
+            let (ptr, len) = self.down.filled_raw();
+            return Some(Io::ClientSend { ptr, len });
         }
         if self.kernel.down_fill > 0
             && !self.client_wr_shut
@@ -364,6 +458,8 @@ impl Session {
         }
         if self.backend_rd_done
             && self.kernel.down_fill == 0
+            && self.down.is_empty()
+            && self.idle(OpKind::ClientSend)
             && !self.close_notify_queued
             && self.idle(OpKind::SpliceDownIn)
             && self.idle(OpKind::SpliceDownOut)
@@ -420,6 +516,12 @@ impl Session {
                 n if n > 0 => self.kernel.down_fill += n as usize,
                 0 => self.backend_rd_done = true,
                 e if e == -libc::EAGAIN => self.kernel.backend_readable = false,
+                e if self.backend_ktls && (e == -libc::EINVAL || e == -libc::EIO) => {
+                    self.kernel.backend_control_pending = true
+                }
+                e if self.backend_ktls && e == -libc::EBADMSG => self.finish(
+                    CloseReason::KtlsClosed("a record from the backend failed to decrypt".into()),
+                ),
                 _ if cancelled => {}
                 e => self.backend_failed(CloseReason::BackendReset(Errno(-e))),
             },
@@ -449,6 +551,12 @@ impl Session {
                     self.client_failed(Errno(-res));
                 }
             }
+            OpKind::BackendControl => {
+                self.kernel.backend_control_pending = false;
+                if res < 0 && !cancelled {
+                    self.backend_failed(CloseReason::BackendReset(Errno(-res)));
+                }
+            }
             _ => {}
         }
     }
@@ -468,7 +576,7 @@ impl Session {
 
 /// Bytes still missing to complete the last (partial) TLS record in `buf`,
 /// or 5 (a header) if `buf` ends exactly at a record boundary.
-fn record_remaining(buf: &[u8]) -> usize {
+pub(super) fn record_remaining(buf: &[u8]) -> usize {
     let mut pos = 0;
     loop {
         let rest = &buf[pos..];

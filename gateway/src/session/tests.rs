@@ -96,6 +96,13 @@ struct World {
     /// reading it yields.
     control: Option<ControlEvent>,
     close_notify_sent: bool,
+    /// Double TLS: the backend leg was offloaded too; a non-data record
+    /// waits at the head of the backend stream.
+    backend_offloaded: bool,
+    backend_control: Option<ControlEvent>,
+    /// TLS records already on the wire to the client when the offload
+    /// happened (the client still reads them as records).
+    g2c_tls_tail: Vec<u8>,
 }
 
 impl World {
@@ -122,6 +129,9 @@ impl World {
             pipe_down: Vec::new(),
             control: None,
             close_notify_sent: false,
+            backend_offloaded: false,
+            backend_control: None,
+            g2c_tls_tail: Vec::new(),
         }
     }
 
@@ -137,6 +147,19 @@ impl World {
                 if io == Io::ClientControl {
                     let ev = self.control.take().unwrap_or(ControlEvent::WouldBlock);
                     self.s.on_control(ev, self.now);
+                    progressed = true;
+                    continue;
+                }
+                if io == Io::BackendControl {
+                    let ev = self
+                        .backend_control
+                        .take()
+                        .unwrap_or(ControlEvent::WouldBlock);
+                    if let ControlEvent::Data(n) = ev {
+                        let data: Vec<u8> = self.backend_out.drain(..n).collect();
+                        self.s.backend_control_buf()[..n].copy_from_slice(&data);
+                    }
+                    self.s.on_backend_control(ev, self.now);
                     progressed = true;
                     continue;
                 }
@@ -204,7 +227,15 @@ impl World {
             }
             Io::Offload => {
                 assert!(self.s.take_tls_for_offload().is_some());
+                self.backend_offloaded = self.s.take_backend_tls_for_offload().is_some();
                 self.offloaded = true;
+                self.g2c_tls_tail = std::mem::take(&mut self.g2c);
+                if self.backend_offloaded && !self.backend_out.is_empty() {
+                    // What the backend sent after its handshake (TLS 1.3
+                    // session tickets) is a control record for the kernel.
+                    self.backend_out.clear();
+                    self.backend_control = Some(ControlEvent::Handled);
+                }
                 Some(0)
             }
             Io::ClientPollIn => {
@@ -221,12 +252,16 @@ impl World {
             Io::SpliceIn {
                 dir: Dir::Down,
                 len,
-            } => Some(move_bytes(
-                &mut self.backend_out,
-                &mut self.pipe_down,
-                len,
-                self.backend_close,
-            )),
+            } => Some(if self.backend_control.is_some() {
+                -libc::EINVAL
+            } else {
+                move_bytes(
+                    &mut self.backend_out,
+                    &mut self.pipe_down,
+                    len,
+                    self.backend_close,
+                )
+            }),
             Io::SpliceOut { dir: Dir::Up, len } => Some(if self.backend_reads {
                 move_bytes(&mut self.pipe_up, &mut self.backend_got, len, false)
             } else {
@@ -240,7 +275,7 @@ impl World {
                 self.close_notify_sent = true;
                 Some(0)
             }
-            Io::ClientControl => unreachable!("handled in run"),
+            Io::ClientControl | Io::BackendControl => unreachable!("handled in run"),
             Io::BackendRecv { ptr, len } => {
                 if !self.backend_out.is_empty() {
                     let n = len.min(self.backend_out.len());
@@ -260,6 +295,21 @@ impl World {
     /// Moves bytes between the rustls client and the wire, both ways.
     fn pump_client(&mut self, c: &mut ClientConnection) {
         for _ in 0..1000 {
+            if self.offloaded {
+                // The wire carries plaintext now (the simulated kernel's
+                // records): the rustls client only reads what was sent
+                // before the offload.
+                if !self.g2c_tls_tail.is_empty() {
+                    let mut slice = &self.g2c_tls_tail[..];
+                    let n = c.read_tls(&mut slice).unwrap();
+                    self.g2c_tls_tail.drain(..n);
+                    c.process_new_packets().unwrap();
+                    self.client_plain.extend(read_plain(c));
+                    continue;
+                }
+                self.run();
+                return;
+            }
             let mut moved = false;
             while c.wants_write() {
                 c.write_tls(&mut self.c2g).unwrap();
@@ -832,6 +882,19 @@ fn run_tls_backend(
             }
             moved = n > 0;
         }
+        if w.backend_offloaded {
+            // From here the backend wire carries plaintext (simulated
+            // kernel). Records the backend still sends now (TLS 1.3 session
+            // tickets after our Finished) are control records for the kernel.
+            let mut records = Vec::new();
+            while b.wants_write() {
+                b.write_tls(&mut records).unwrap();
+            }
+            if !records.is_empty() {
+                w.backend_control = Some(ControlEvent::Handled);
+            }
+            return Ok(());
+        }
         while b.wants_write() {
             b.write_tls(&mut w.backend_out).unwrap();
             moved = true;
@@ -982,4 +1045,93 @@ fn handshake_info_and_policy_deviation() {
         hs.policy_deviation,
         "AES-GCM is preferred by default: a deviation here"
     );
+}
+
+#[test]
+fn double_tls_offloads_both_legs_and_splices() {
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let pki = pki();
+        let mut cfg = upstream_config(&pki, "localhost");
+        cfg.ktls = Some(Arc::new(crate::offload::KtlsSupport::assume_all()));
+        let mut w = World::new(cfg);
+        let mut c = client(&pki, version);
+        let mut b = rustls::ServerConnection::new(pki.server.clone()).unwrap();
+        let mut got = Vec::new();
+        handshake(&mut w, &mut c);
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        w.run();
+        assert!(w.offloaded, "client leg offloaded");
+        assert!(w.backend_offloaded, "backend leg offloaded");
+        assert!(w.s.backend_is_ktls() && w.s.stats().ktls);
+        assert!(
+            got.is_empty() && w.backend_got.is_empty(),
+            "no data before the offload"
+        );
+        assert!(w.backend_out.is_empty());
+        let up: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let down: Vec<u8> = (0..400_000u32).map(|i| (i * 13) as u8).collect();
+        w.c2g.extend_from_slice(&up);
+        w.backend_out.extend_from_slice(&down);
+        w.run();
+        assert!(
+            w.backend_got == up,
+            "client bytes reach the backend in order"
+        );
+        assert!(
+            w.g2c == down,
+            "backend bytes reach the client in order: got {} of {}, first {:?}, backend_out {}, pending {:?}",
+            w.g2c.len(),
+            down.len(),
+            &w.g2c[..w.g2c.len().min(8)],
+            w.backend_out.len(),
+            w.pending
+        );
+        // A data record read together with a backend control record is
+        // delivered in order, through the client's kTLS socket.
+        w.g2c.clear();
+        w.backend_out.extend_from_slice(b"tail");
+        w.backend_control = Some(ControlEvent::Data(4));
+        w.run();
+        assert_eq!(w.g2c, b"tail");
+        // The backend's close_notify ends the down direction: close_notify
+        // to the client, then FIN.
+        w.backend_control = Some(ControlEvent::CloseNotify);
+        w.backend_out.push(0); // makes the splice ask for the control record
+        w.run();
+        assert!(w.close_notify_sent && w.g_fin_to_client);
+        let st = w.s.stats();
+        assert_eq!(st.bytes_down, down.len() as u64 + 4);
+    }
+}
+
+#[test]
+fn double_tls_stays_in_user_space_when_the_backend_suite_cannot_offload() {
+    let pki = pki();
+    let mut cfg = upstream_config(&pki, "localhost");
+    cfg.ktls = Some(Arc::new(crate::offload::KtlsSupport::only(
+        rustls::ProtocolVersion::TLSv1_3,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+    )));
+    // The backend negotiates AES-256: not offloadable here.
+    let backend_cfg =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        }))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(pki.server.cert_resolver.clone());
+    let mut w = World::new(cfg);
+    let mut c = client(&pki, &rustls::version::TLS13);
+    let mut b = rustls::ServerConnection::new(Arc::new(backend_cfg)).unwrap();
+    let mut got = Vec::new();
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"ping").unwrap();
+    run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+    b.writer().write_all(b"pong").unwrap();
+    run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+    assert!(!w.offloaded, "neither leg offloaded");
+    assert_eq!(got, b"ping");
+    assert_eq!(w.take_plain(&mut c), b"pong");
 }

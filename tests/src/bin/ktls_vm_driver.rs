@@ -433,6 +433,119 @@ fn main() {
         }
     }
 
+    // Double TLS: the backend speaks TLS too; both sockets go into the
+    // kernel and the worker splices between two kTLS sockets.
+    let dtls_before = tls_stat();
+    let tls_backend = gateway_tests::tls_backend::TestBackend::tls_echo(
+        gateway_tests::tls_backend::BackendTls::new(&pki.chain, &pki.key),
+    );
+    let dtls_dir = gateway_tests::TempDir::new("vm-double-tls");
+    let mut gw4 = {
+        let (chain, key, ca) = (pki.chain.clone(), pki.key.clone(), pki.ca.clone());
+        let backend = tls_backend.addr();
+        gateway_tests::tls_backend::start_config(
+            &dtls_dir,
+            &["--ktls", "require", "--log-level", "info"],
+            move |port| {
+                format!(
+                    "[[listener]]\nlisten = \"127.0.0.1:{port}\"\ncert = {}\nkey = {}\nbackend = {{ addr = \"{backend}\", tls = {{ ca = {}, server_name = \"localhost\" }} }}\n",
+                    gateway_tests::tls_backend::toml_str(&chain),
+                    gateway_tests::tls_backend::toml_str(&key),
+                    gateway_tests::tls_backend::toml_str(&ca),
+                )
+            },
+        )
+    };
+    let mut dtls_conns = 0u64;
+    let mut dtls_bytes = 0u64;
+    {
+        let addr4 = gw4.addr();
+        for name in [
+            "TLS13_AES_128_GCM_SHA256",
+            "TLS13_CHACHA20_POLY1305_SHA256",
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        ] {
+            for (i, len) in [1usize, 20_000, 1 << 20].into_iter().enumerate() {
+                let cfg = client_cfg(&pki, name);
+                run.case(&format!("double TLS echo {name} {len}B"), || {
+                    echo_case(addr4, cfg, len, 300 + i as u64)
+                });
+                dtls_conns += 1;
+                dtls_bytes += len as u64;
+            }
+        }
+        let cfg = client_cfg(&pki, "TLS13_AES_128_GCM_SHA256");
+        run.case(&format!("double TLS echo {big}B (large)"), || {
+            echo_case(addr4, cfg, big, 333)
+        });
+        dtls_conns += 1;
+        dtls_bytes += big as u64;
+        let cfg = client_cfg(&pki, "TLS13_AES_256_GCM_SHA384");
+        run.case("double TLS: 20 concurrent connections", || {
+            let handles: Vec<_> = (0..20u64)
+                .map(|i| {
+                    let cfg = cfg.clone();
+                    std::thread::spawn(move || echo_case(addr4, cfg, 70_000 + i as usize, 400 + i))
+                })
+                .collect();
+            let errs: Vec<String> = handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(_) => Some("thread panicked".into()),
+                })
+                .collect();
+            if errs.is_empty() {
+                Ok("all byte-exact".into())
+            } else {
+                Err(format!("{} failed, first: {}", errs.len(), errs[0]))
+            }
+        });
+        dtls_conns += 20;
+        dtls_bytes += (0..20u64).map(|i| 70_000 + i).sum::<u64>();
+    }
+    let dtls_stat = tls_stat();
+    gw4.sigterm();
+    let dtls_status = gw4.wait_exit(Duration::from_secs(40));
+    let dtls_log = gw4.log();
+    run.case("double TLS: both legs offloaded, bytes spliced", || {
+        if !dtls_status.is_some_and(|s| s.success()) {
+            return Err(format!("exit {dtls_status:?}"));
+        }
+        let get = |k: &str| {
+            counter(&dtls_log, k).ok_or_else(|| format!("no counter {k} in log:\n{dtls_log}"))
+        };
+        let (k, u, f, bt) = (
+            get("ktls_connections")?,
+            get("userspace_path")?,
+            get("ktls_failures")?,
+            get("backend_tls_failures")?,
+        );
+        let (su, sd) = (get("spliced_up")?, get("spliced_down")?);
+        if u != 0 || f != 0 || bt != 0 || k < dtls_conns {
+            return Err(format!(
+                "ktls_connections={k} userspace_path={u} ktls_failures={f} backend_tls_failures={bt} expected>={dtls_conns}"
+            ));
+        }
+        if su < dtls_bytes || sd < dtls_bytes {
+            return Err(format!("spliced_up={su} spliced_down={sd} expected>={dtls_bytes}"));
+        }
+        // Both sockets of every connection are kTLS sockets: the kernel's
+        // counters grew by at least two per connection.
+        let d = |k: &str| stat(&dtls_stat, k).saturating_sub(stat(&dtls_before, k));
+        let (tx, rx) = (d("TlsTxSw"), d("TlsRxSw"));
+        if tx < 2 * dtls_conns || rx < 2 * dtls_conns {
+            return Err(format!(
+                "TlsTxSw +{tx} TlsRxSw +{rx}: expected >= {} (two kTLS sockets per connection)",
+                2 * dtls_conns
+            ));
+        }
+        Ok(format!(
+            "ktls_connections={k} userspace_path=0 spliced_up={su} spliced_down={sd}; TlsTxSw +{tx} TlsRxSw +{rx} for {dtls_conns} connections"
+        ))
+    });
+
     // Counters: stop the gateways and read their final counters.
     let stat_after = tls_stat();
     gw.sigterm();
