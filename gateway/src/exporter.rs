@@ -60,6 +60,7 @@ pub fn render(shared: &Shared) -> String {
         ("shutdown", s.shutdown_closes),
         ("ktls_failed", s.ktls_failures),
         ("ktls_closed", s.ktls_closes),
+        ("internal_error", s.internal_errors),
     ];
     for (reason, v) in failures {
         w.counter(

@@ -169,6 +169,13 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     // Loads and validates every certificate, CRL, client CA and ticket key
     // exactly as start-up does.
     gateway::reload::TlsState::load(&cfg.tls, &listeners, false)?;
+    for l in &listeners {
+        gateway::server::upstream_tls(&cfg.tls, l)?;
+    }
+    if let Some(path) = &cfg.admin.token_file {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("admin.token_file {}", path.display()))?;
+    }
     println!(
         "{}: OK ({} listener{}, {} worker{})",
         file.display(),

@@ -50,6 +50,7 @@ counters! {
     backend_connect_failures: "Backend connects that failed or timed out.",
     backend_resets: "Backend connections that failed after connecting.",
     backend_tls_failures: "TLS connections to the backend that failed (verification, handshake, records).",
+    internal_errors: "Connections closed because of an internal error (a bug: a panic caught per connection).",
     policy_deviations: "Handshakes outside tls.expected_cipher_suites (warn mode), or refused for offering none of them (enforce mode).",
     responses_502: "502 answers sent to clients.",
     client_errors: "Client connections that ended in a socket error.",

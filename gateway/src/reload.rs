@@ -40,6 +40,62 @@ pub enum ReloadError {
     Write(std::io::Error),
 }
 
+/// `tls.policy = "enforce"`: refuses, while choosing the certificate, a
+/// client that offers none of `tls.expected_cipher_suites`, and counts it.
+/// (With the provider restricted to the expected suites such a handshake
+/// could not succeed anyway; refusing here makes it a counted, logged
+/// policy decision instead of a generic failure.)
+#[derive(Debug)]
+pub struct PolicyGate {
+    expected: Arc<[rustls::CipherSuite]>,
+    refusals: std::sync::atomic::AtomicU64,
+    last_log: std::sync::atomic::AtomicU64,
+}
+
+impl PolicyGate {
+    /// Handshakes refused so far.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The certificate resolver behind a [`PolicyGate`].
+#[derive(Debug)]
+struct GatedResolver {
+    inner: Arc<CertResolver>,
+    gate: Arc<PolicyGate>,
+}
+
+impl rustls::server::ResolvesServerCert for GatedResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let g = &self.gate;
+        if !hello.cipher_suites().iter().any(|s| g.expected.contains(s)) {
+            use std::sync::atomic::Ordering;
+            g.refusals.fetch_add(1, Ordering::Relaxed);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let last = g.last_log.load(Ordering::Relaxed);
+            if now >= last + 10
+                && g.last_log
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                warn!(
+                    sni = hello.server_name().unwrap_or("-"),
+                    offered = ?hello.cipher_suites(),
+                    "TLS policy (enforce): refused a client that offers none of tls.expected_cipher_suites (counted in policy_deviations; this line at most every 10 s)"
+                );
+            }
+            return None;
+        }
+        self.inner.resolve(hello)
+    }
+}
+
 /// One listener's rotating TLS material.
 pub struct ListenerTls {
     pub name: String,
@@ -60,6 +116,8 @@ pub struct TlsState {
     ticketer: Arc<dyn ProducesTickets>,
     session_storage: Arc<dyn StoresServerSessions + Send + Sync>,
     secret_extraction: bool,
+    /// Enforce mode's gate, shared by every listener.
+    pub policy_gate: Option<Arc<PolicyGate>>,
     /// Serializes reloads (SIGHUP, watcher and uploads may race).
     lock: Mutex<()>,
 }
@@ -117,6 +175,16 @@ impl TlsState {
             ticketer,
             session_storage,
             secret_extraction,
+            policy_gate: match (policy.policy, tls::expected_suites(policy)?) {
+                (crate::config::PolicyMode::Enforce, Some(expected)) => {
+                    Some(Arc::new(PolicyGate {
+                        expected,
+                        refusals: Default::default(),
+                        last_log: Default::default(),
+                    }))
+                }
+                _ => None,
+            },
             lock: Mutex::new(()),
         };
         let now = SystemTime::now();
@@ -158,10 +226,17 @@ impl TlsState {
             ),
             None => None,
         };
+        let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match &self.policy_gate {
+            Some(gate) => Arc::new(GatedResolver {
+                inner: resolver.clone(),
+                gate: gate.clone(),
+            }),
+            None => resolver.clone(),
+        };
         Ok(tls::build_server_config(
             &self.policy,
             ServerParts {
-                resolver: resolver.clone(),
+                resolver,
                 client_verifier,
                 ticketer: self.ticketer.clone(),
                 session_storage: self.session_storage.clone(),

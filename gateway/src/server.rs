@@ -82,6 +82,7 @@ pub struct Shared {
     /// Behind a mutex only so shutdown can drop it; never touched by workers.
     audit: Mutex<Option<AuditLog>>,
     workers_alive: AtomicUsize,
+    worker_failures: AtomicUsize,
     /// Successful and failed reloads (all triggers).
     pub reloads: std::sync::atomic::AtomicU64,
     pub reload_failures: std::sync::atomic::AtomicU64,
@@ -96,9 +97,14 @@ impl Shared {
         }
     }
 
-    /// Counters summed over workers.
+    /// Counters summed over workers (plus the handshakes the enforce-mode
+    /// policy refused while choosing a certificate).
     pub fn snapshot(&self) -> Snapshot {
-        metrics::snapshot(self.metrics.iter().map(|m| &**m))
+        let mut s = metrics::snapshot(self.metrics.iter().map(|m| &**m));
+        if let Some(g) = &self.tls.policy_gate {
+            s.policy_deviations += g.refusals();
+        }
+        s
     }
 
     /// Every open session, asked of each worker (answered between
@@ -151,9 +157,12 @@ impl Shared {
         }
     }
 
-    /// Whether every worker is running.
+    /// Liveness: no worker has failed, and every worker is running (or,
+    /// while draining, has finished its drain normally).
     pub fn workers_running(&self) -> bool {
-        self.workers_alive.load(Ordering::Relaxed) == self.metrics.len()
+        self.worker_failures.load(Ordering::Relaxed) == 0
+            && (self.control.draining.load(Ordering::Relaxed)
+                || self.workers_alive.load(Ordering::Relaxed) == self.metrics.len())
     }
 
     /// Whether listeners accept new connections.
@@ -306,6 +315,7 @@ impl Gateway {
             tls: tls_state,
             audit: Mutex::new(audit_log),
             workers_alive: AtomicUsize::new(0),
+            worker_failures: AtomicUsize::new(0),
             reloads: Default::default(),
             reload_failures: Default::default(),
         });
@@ -323,9 +333,13 @@ impl Gateway {
                         }
                     }
                     shared_w.workers_alive.fetch_add(1, Ordering::SeqCst);
-                    let res = worker::run(params);
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        worker::run(params)
+                    }))
+                    .unwrap_or_else(|_| Err(std::io::Error::other("worker panicked")));
                     shared_w.workers_alive.fetch_sub(1, Ordering::SeqCst);
                     if let Err(e) = &res {
+                        shared_w.worker_failures.fetch_add(1, Ordering::SeqCst);
                         error!(worker = id, error = %e, "worker failed");
                     }
                     res
@@ -490,6 +504,37 @@ fn resolve_ktls(mode: KtlsMode) -> Result<Option<Arc<KtlsSupport>>, StartError> 
 
 type Prepared = (SessionConfig, Arc<BackendTarget>, Arc<ListenerInfo>);
 
+/// The TLS client settings for a listener's backend, when it speaks TLS
+/// (also run by `check-config`).
+pub fn upstream_tls(
+    policy: &crate::config::TlsPolicy,
+    l: &Listener,
+) -> Result<Option<crate::session::UpstreamTls>, StartError> {
+    let Some(t) = &l.backend_tls else {
+        return Ok(None);
+    };
+    let settings = crate::upstream::UpstreamTlsSettings {
+        ca: t.ca.clone(),
+        server_name: t.server_name.clone(),
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        insecure: t.insecure,
+        ..Default::default()
+    };
+    let err = |error| StartError::Upstream {
+        listener: l.name.clone(),
+        error,
+    };
+    let versions = crate::tls::policy_versions(policy)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = crate::upstream::client_config(&settings, &versions, provider).map_err(err)?;
+    let server_name = crate::upstream::server_name(&settings).map_err(err)?;
+    Ok(Some(crate::session::UpstreamTls {
+        config,
+        server_name,
+    }))
+}
+
 fn prepare_listener(
     cfg: &Config,
     l: &Listener,
@@ -497,32 +542,7 @@ fn prepare_listener(
     ktls: Option<Arc<KtlsSupport>>,
 ) -> Result<Prepared, StartError> {
     let tls = lt.current.load_full();
-    let upstream = match &l.backend_tls {
-        None => None,
-        Some(t) => {
-            let settings = crate::upstream::UpstreamTlsSettings {
-                ca: t.ca.clone(),
-                server_name: t.server_name.clone(),
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-                insecure: t.insecure,
-                ..Default::default()
-            };
-            let err = |error| StartError::Upstream {
-                listener: l.name.clone(),
-                error,
-            };
-            let versions = crate::tls::policy_versions(&cfg.tls)?;
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-            let config =
-                crate::upstream::client_config(&settings, &versions, provider).map_err(err)?;
-            let server_name = crate::upstream::server_name(&settings).map_err(err)?;
-            Some(crate::session::UpstreamTls {
-                config,
-                server_name,
-            })
-        }
-    };
+    let upstream = upstream_tls(&cfg.tls, l)?;
     let backend = BackendTarget::new(&l.backend).map_err(|source| StartError::Backend {
         backend: l.backend.to_string(),
         source,

@@ -1332,15 +1332,24 @@ impl Session {
         // EncodeTlsData. Collect it (bounded), then close after sending it.
         if let Some(tls) = self.tls.as_mut() {
             for _ in 0..4 {
-                let status = tls.process_tls_records(&mut []);
-                match status.state {
+                // The same (already discarded-from) buffer as before: rustls
+                // may still refer to handshake messages in it, and an empty
+                // slice would not match those ranges.
+                let status = tls.process_tls_records(self.tls_in.filled_mut());
+                let discard = status.discard;
+                let more = match status.state {
                     Ok(ConnectionState::EncodeTlsData(mut enc)) => {
-                        if encode_into_vec(&mut enc, &mut self.overflow).is_err() {
-                            break;
-                        }
+                        encode_into_vec(&mut enc, &mut self.overflow).is_ok()
                     }
-                    Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                    _ => break,
+                    Ok(ConnectionState::TransmitTlsData(t)) => {
+                        t.done();
+                        true
+                    }
+                    _ => false,
+                };
+                self.tls_in.consume(discard);
+                if !more {
+                    break;
                 }
             }
         }

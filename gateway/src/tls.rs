@@ -27,6 +27,14 @@ pub enum CertError {
     Policy(#[from] ConfigError),
 }
 
+fn version_label(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLS 1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLS 1.2",
+        _ => "this TLS version",
+    }
+}
+
 /// The protocol versions a policy names.
 fn versions(policy: &TlsPolicy) -> Result<Vec<&'static SupportedProtocolVersion>, ConfigError> {
     let mut out = Vec::new();
@@ -163,9 +171,21 @@ pub fn check_policy(policy: &TlsPolicy) -> Result<(), ConfigError> {
     let provider = provider(policy)?;
     for v in &versions {
         if !provider.cipher_suites.iter().any(|s| s.version() == *v) {
-            return Err(ConfigError::Invalid {
-                key: "tls.cipher_suites".into(),
-                message: format!("no suite left for TLS {:?}", v.version),
+            let enforce = policy.policy == crate::config::PolicyMode::Enforce
+                && !policy.expected_cipher_suites.is_empty();
+            return Err(if enforce {
+                ConfigError::Invalid {
+                    key: "tls.expected_cipher_suites".into(),
+                    message: format!(
+                        "policy = \"enforce\" allows only the expected suites, and none of them is for {}; add one, or remove that version from tls.versions",
+                        version_label(v.version)
+                    ),
+                }
+            } else {
+                ConfigError::Invalid {
+                    key: "tls.cipher_suites".into(),
+                    message: format!("no suite left for {}", version_label(v.version)),
+                }
             });
         }
     }

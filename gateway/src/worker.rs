@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 use socket2::{Domain, SockAddr, Socket, Type};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::audit::AuditRecord;
 use crate::config::BackendAddr;
@@ -162,6 +162,10 @@ struct Conn {
     backend_ktls: Option<KtlsConn<rustls::client::ClientConnectionData>>,
     /// Pipes held while bytes are in flight: [up, down].
     pipes: [Option<Pipe>; 2],
+    /// A bug (panic) hit this connection: its sockets are shut down and its
+    /// remaining operations are awaited (mask) until the deadline; then it
+    /// is dropped without freeing its buffers.
+    poisoned: Option<(u32, Instant)>,
 }
 
 /// A pipe for splice: (read end, write end).
@@ -377,8 +381,19 @@ impl Worker {
                             account_sent_backend(conn, res as u64, rekey, now);
                         }
                     }
-                    conn.session.complete(kind, res, now);
-                    self.drive(key, now);
+                    if let Some((mask, _)) = conn.poisoned.as_mut() {
+                        *mask &= !kind.bit();
+                        if *mask == 0 {
+                            self.bury(key);
+                        }
+                        return Ok(());
+                    }
+                    self.guarded(key, now, |w| {
+                        if let Some(conn) = w.conns.get_mut(key) {
+                            conn.session.complete(kind, res, now);
+                        }
+                        w.drive(key, now);
+                    });
                 }
                 _ => warn!(
                     worker = self.id,
@@ -493,10 +508,11 @@ impl Worker {
             ktls: None,
             backend_ktls: None,
             pipes: [None, None],
+            poisoned: None,
         });
         WorkerMetrics::inc(&self.metrics.accepted);
         WorkerMetrics::inc(&self.metrics.active);
-        self.drive(key, now);
+        self.guarded(key, now, |w| w.drive(key, now));
         if self.listeners[i].rearm && self.drain_deadline.is_none() {
             if let Err(e) = self.arm_accept(i) {
                 warn!(worker = self.id, error = %e, "cannot re-arm accept");
@@ -523,12 +539,22 @@ impl Worker {
         for idx in 0..self.keys.len() {
             let key = self.keys[idx];
             if let Some(conn) = self.conns.get_mut(key) {
-                if force {
-                    conn.session.abort(CloseReason::Shutdown);
-                } else if !conn.session.tick(now) {
+                if let Some((_, deadline)) = conn.poisoned {
+                    if now >= deadline {
+                        self.bury(key);
+                    }
                     continue;
                 }
-                self.drive(key, now);
+                self.guarded(key, now, |w| {
+                    if let Some(conn) = w.conns.get_mut(key) {
+                        if force {
+                            conn.session.abort(CloseReason::Shutdown);
+                        } else if !conn.session.tick(now) {
+                            return;
+                        }
+                    }
+                    w.drive(key, now);
+                });
             }
         }
         Ok(())
@@ -574,6 +600,65 @@ impl Worker {
             self.on_tick(now)?;
         }
         Ok(())
+    }
+
+    /// Runs `f` (session work for connection `key`); a panic in it — a
+    /// bug, never expected — costs that one connection, not the worker:
+    /// its sockets are shut down (completing whatever the kernel still
+    /// holds), its operations cancelled, and it is dropped once they are
+    /// back or a deadline passes. Its buffers are leaked, never freed, so
+    /// a late kernel write cannot touch reused memory.
+    fn guarded(&mut self, key: usize, now: Instant, f: impl FnOnce(&mut Self)) {
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        if res.is_ok() {
+            return;
+        }
+        WorkerMetrics::inc(&self.metrics.internal_errors);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        error!(
+            worker = self.id,
+            conn = key,
+            peer = %conn.peer.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            "internal error (panic) while handling a connection; closing it (other connections are not affected)"
+        );
+        // SAFETY: plain syscalls on sockets this connection owns.
+        unsafe {
+            libc::shutdown(conn.client.as_raw_fd(), libc::SHUT_RDWR);
+            if let Some(b) = &conn.backend {
+                libc::shutdown(b.as_raw_fd(), libc::SHUT_RDWR);
+            }
+        }
+        let mask = conn.session.in_flight();
+        conn.poisoned = Some((mask, now + Duration::from_secs(10)));
+        for kind in OpKind::ALL {
+            if mask & kind.bit() != 0 {
+                let sqe = opcode::AsyncCancel::new(ud(key, kind as u64))
+                    .build()
+                    .user_data(TAG_CANCEL);
+                let _ = push(&mut self.ring, &sqe);
+            }
+        }
+        if mask == 0 {
+            self.bury(key);
+        }
+    }
+
+    /// Drops a poisoned connection: sockets closed, session leaked.
+    fn bury(&mut self, key: usize) {
+        if let Some(conn) = self.conns.try_remove(key) {
+            self.metrics.active.fetch_sub(1, Ordering::Relaxed);
+            WorkerMetrics::inc(&self.metrics.closed);
+            let Conn {
+                session,
+                client,
+                backend,
+                ..
+            } = conn;
+            drop((client, backend));
+            std::mem::forget(session);
+        }
     }
 
     /// Submits what a connection's session wants next; closes it when done.

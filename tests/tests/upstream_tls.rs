@@ -28,11 +28,16 @@ fn gateway(pki: &Pki, dir: &TempDir, backend: &TestBackend, tls_body: &str) -> G
     let (chain, key) = (toml_str(&pki.chain), toml_str(&pki.key));
     let addr = backend.addr();
     let tls_body = tls_body.to_string();
+    let dirp = dir.path().to_owned();
     start_config(dir, &[], move |port| {
+        let audit = toml_str(&audit_path(&dirp, port));
         format!(
             r#"
 [server]
 workers = 2
+
+[audit]
+path = {audit}
 
 [reload]
 watch = false
@@ -45,6 +50,22 @@ backend = {{ addr = "{addr}", tls = {{ {tls_body} }} }}
 "#
         )
     })
+}
+
+/// The audit file of the gateway listening on `port`.
+fn audit_path(dir: &Path, port: u16) -> std::path::PathBuf {
+    dir.join(format!("audit-{port}.jsonl"))
+}
+
+/// Audit records of TLS sessions (without the harness's readiness probe).
+fn audit_records(dir: &TempDir, gw: &Gateway) -> Vec<serde_json::Value> {
+    let path = audit_path(dir.path(), gw.port());
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit JSON line"))
+        .filter(|r| r["close_reason"] != "client_gone_before_handshake")
+        .collect()
 }
 
 /// The backend's own PKI (a separate root from the client-facing one).
@@ -180,6 +201,12 @@ fn assert_upstream_refused(pki: &Pki, dir: &TempDir, backend: &TestBackend, tls_
         Some(1),
         "log:\n{log}"
     );
+    let recs = audit_records(dir, &gw);
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    for r in &recs {
+        assert_eq!(r["close_reason"], "backend_tls_failed", "{r:#?}");
+        assert_eq!(r["bytes_up"], 0, "nothing relayed upstream: {r:#?}");
+    }
 }
 
 #[test]

@@ -1135,3 +1135,45 @@ fn double_tls_stays_in_user_space_when_the_backend_suite_cannot_offload() {
     assert_eq!(got, b"ping");
     assert_eq!(w.take_plain(&mut c), b"pong");
 }
+
+#[test]
+fn refused_client_certificate_gets_an_alert_not_a_panic() {
+    // TLS 1.3: the client's Certificate and Finished arrive together; the
+    // error is raised at Certificate while Finished is still buffered.
+    let pki = pki();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(pki.roots.clone()))
+        .build()
+        .unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(pki.server.cert_resolver.clone());
+    let mut cfg = config(&pki);
+    cfg.tls = Arc::new(server);
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let mut w = World::new(cfg.clone());
+        let mut c = client(&pki, version);
+        for _ in 0..20 {
+            while c.wants_write() {
+                c.write_tls(&mut w.c2g).unwrap();
+            }
+            w.run();
+            if w.g2c.is_empty() {
+                break;
+            }
+            let mut slice = &w.g2c[..];
+            let n = c.read_tls(&mut slice).unwrap();
+            w.g2c.drain(..n);
+            if c.process_new_packets().is_err() {
+                break;
+            }
+        }
+        w.c_fin = true;
+        w.run();
+        assert!(
+            matches!(w.s.close_reason(), Some(CloseReason::HandshakeFailed(_))),
+            "{:?}",
+            w.s.close_reason()
+        );
+        assert_eq!(w.connects, 0, "no backend for a refused client");
+    }
+}
