@@ -422,11 +422,11 @@ pub struct Session {
     /// SNI read from the ClientHello (rustls' unbuffered API has no getter).
     sni: Option<Box<str>>,
     sni_checked: bool,
-    /// Bytes sent to the backend before anything else (PROXY header).
+    /// Bytes sent to the backend before anything else (PROXY header). Not
+    /// modified while a send of it is in flight.
     backend_prefix: Vec<u8>,
-    /// Of the bytes sent to the backend, those of the prefix still to
-    /// discount from `bytes_up`.
-    prefix_unsent: usize,
+    /// The backend send in flight is of `backend_prefix`.
+    prefix_in_flight: bool,
 }
 
 impl Session {
@@ -467,7 +467,7 @@ impl Session {
             sni: None,
             sni_checked: false,
             backend_prefix: Vec::new(),
-            prefix_unsent: 0,
+            prefix_in_flight: false,
         }
     }
 
@@ -617,6 +617,17 @@ impl Session {
             }
             Backend::Connected => {}
             _ => return None,
+        }
+        if !self.backend_prefix.is_empty() {
+            // The PROXY header goes first, alone.
+            if !self.idle(OpKind::BackendSend) {
+                return None;
+            }
+            self.prefix_in_flight = true;
+            return Some(Io::BackendSend {
+                ptr: self.backend_prefix.as_ptr(),
+                len: self.backend_prefix.len(),
+            });
         }
         if self.mode == Mode::PendingOffload {
             return self.offload_when_quiet();
@@ -831,7 +842,6 @@ impl Session {
                 Ok(mut b) => {
                     // The PROXY header goes in clear, before the ClientHello.
                     b.tls_out.push_compacting(&prefix);
-                    self.prefix_unsent = 0;
                     self.btls = Some(Box::new(b));
                     self.backend = Backend::Handshaking;
                 }
@@ -839,22 +849,8 @@ impl Session {
             }
             return;
         }
-        if !prefix.is_empty() {
-            // Nothing has been sent yet: put the prefix before whatever the
-            // client already sent.
-            let mut all = prefix;
-            self.prefix_unsent = all.len();
-            all.extend_from_slice(self.up.filled());
-            self.up.clear();
-            let n = self.up.push_compacting(&all);
-            if n < all.len() {
-                // `up` holds at most its capacity; the client's bytes were
-                // accepted against that room, so this cannot happen unless
-                // the prefix is larger than a PROXY header can be.
-                self.backend_failed(CloseReason::BackendConnectFailed(Errno(libc::EMSGSIZE)));
-                return;
-            }
-        }
+        // Sent on its own before anything from `up` (see `next_io`).
+        self.backend_prefix = prefix;
         self.backend = Backend::Connected;
     }
 
@@ -901,11 +897,18 @@ impl Session {
         if self.backend != Backend::Connected {
             return;
         }
+        if std::mem::take(&mut self.prefix_in_flight) {
+            if res >= 0 {
+                self.backend_prefix
+                    .drain(..(res as usize).min(self.backend_prefix.len()));
+            } else {
+                self.backend_failed(CloseReason::BackendReset(Errno(-res)));
+            }
+            return;
+        }
         if res >= 0 {
             self.up.consume(res as usize);
-            let prefix = self.prefix_unsent.min(res as usize);
-            self.prefix_unsent -= prefix;
-            self.stats.bytes_up += (res as usize - prefix) as u64;
+            self.stats.bytes_up += res as u64;
             if self.up.is_empty() {
                 self.up.compact();
             }

@@ -103,6 +103,8 @@ struct World {
     /// TLS records already on the wire to the client when the offload
     /// happened (the client still reads them as records).
     g2c_tls_tail: Vec<u8>,
+    /// Backend connects complete only while this is set.
+    connect_ready: bool,
 }
 
 impl World {
@@ -132,6 +134,7 @@ impl World {
             backend_offloaded: false,
             backend_control: None,
             g2c_tls_tail: Vec::new(),
+            connect_ready: true,
         }
     }
 
@@ -205,6 +208,9 @@ impl World {
                 Some(0)
             }
             Io::BackendConnect => {
+                if !self.connect_ready {
+                    return None;
+                }
                 self.connects += 1;
                 Some(if self.backend_refuses {
                     -libc::ECONNREFUSED
@@ -1176,4 +1182,31 @@ fn refused_client_certificate_gets_an_alert_not_a_panic() {
         );
         assert_eq!(w.connects, 0, "no backend for a refused client");
     }
+}
+
+#[test]
+fn proxy_prefix_goes_first_even_when_the_client_filled_the_buffer() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    w.connect_ready = false;
+    let mut c = client(&pki, &rustls::version::TLS13);
+    handshake(&mut w, &mut c);
+    w.s.set_backend_prefix(b"PROXY-HEADER".to_vec());
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    c.writer().write_all(&data).unwrap();
+    w.pump_client(&mut c);
+    w.connect_ready = true;
+    for _ in 0..20 {
+        w.pump_client(&mut c);
+    }
+    assert!(w.backend_got.starts_with(b"PROXY-HEADER"));
+    assert!(
+        w.backend_got[12..] == data[..],
+        "client bytes follow the prefix, exact"
+    );
+    assert_eq!(
+        w.s.stats().bytes_up,
+        data.len() as u64,
+        "the prefix is not client data"
+    );
 }
