@@ -436,6 +436,8 @@ fn start_target(ctx: &Ctx, name: &str, cfg: TargetCfg) -> Result<Running> {
         if on { "" } else { "no-tls-tickets" }.into(),
     );
     v.insert("haproxy_cachesize", if on { "20000" } else { "0" }.into());
+    v.insert("gateway_tickets", if on { "true" } else { "false" }.into());
+    v.insert("gateway_cache", if on { "20000" } else { "0" }.into());
     v.insert(
         "stunnel_tickets",
         if on {
@@ -1555,7 +1557,7 @@ fn compare(a: CompareArgs) -> Result<()> {
             let _ = writeln!(md, "\nNote ({}): {n}", r.title);
         }
     }
-    let _ = writeln!(md, "\nConfiguration notes: TLS 1.3 only, TLS_AES_128_GCM_SHA256, X25519 (loadgen offers only X25519), one worker per core; for the full-handshake rows tickets and session caches are off on nginx, HAProxy and stunnel and loadgen never offers resumption; hitch has no ticket switch (its session cache is off by default) and the gateway has no ticket/cache switch (rustls' default stateful cache, 2 tickets per handshake), so both still issue tickets there. stunnel has no worker count (a thread per connection).");
+    let _ = writeln!(md, "\nConfiguration notes: TLS 1.3 only, TLS_AES_128_GCM_SHA256, X25519 (loadgen offers only X25519), one worker per core; for the full-handshake rows tickets and session caches are off on nginx, HAProxy and stunnel and loadgen never offers resumption; the gateway runs with `session_tickets = false` and `session_cache = 0` there; hitch has no ticket switch (its session cache is off by default), so it still issues tickets. stunnel has no worker count (a thread per connection).");
     println!("\n{md}");
     let out_dir = a
         .out_dir

@@ -163,6 +163,17 @@ impl Buf {
         n
     }
 
+    /// Replaces the allocation with one of `cap` bytes (at least the filled
+    /// length), keeping the filled bytes at the front. Only while no
+    /// operation uses the buffer: the address changes.
+    pub fn resize(&mut self, cap: usize) {
+        let mut new = Buf::new(cap.max(self.len()));
+        let n = self.len();
+        new.spare_mut()[..n].copy_from_slice(self.filled());
+        new.commit(n);
+        *self = new;
+    }
+
     /// Forgets all filled bytes.
     pub fn clear(&mut self) {
         self.head = 0;
@@ -215,6 +226,20 @@ mod tests {
         assert_eq!(b.spare_len(), 5, "consume never moves the free space");
         b.compact();
         assert_eq!(b.spare_len(), 8, "compacting an empty buffer rewinds it");
+    }
+
+    #[test]
+    fn resize_keeps_the_filled_bytes() {
+        let mut b = Buf::new(4);
+        b.push_compacting(b"abcd");
+        b.consume(1);
+        b.resize(16);
+        assert_eq!(b.filled(), b"bcd");
+        assert_eq!(b.capacity(), 16);
+        assert_eq!(b.spare_len(), 13);
+        b.resize(1);
+        assert_eq!(b.filled(), b"bcd", "never smaller than the filled bytes");
+        assert_eq!(b.capacity(), 3);
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct TlsPolicy {
     /// How long a session ticket stays valid.
     #[serde(with = "humantime_serde")]
     pub ticket_lifetime: Duration,
+    /// Issue session tickets (stateless resumption).
+    pub session_tickets: bool,
+    /// Sessions kept for stateful resumption (per process); 0: none.
+    pub session_cache: usize,
 }
 
 impl Default for TlsPolicy {
@@ -142,6 +146,8 @@ impl Default for TlsPolicy {
             expiry_warning: Duration::from_secs(30 * 86_400),
             ticket_keys: Vec::new(),
             ticket_lifetime: Duration::from_secs(12 * 3600),
+            session_tickets: true,
+            session_cache: 4096,
         }
     }
 }

@@ -96,6 +96,25 @@ impl rustls::server::ResolvesServerCert for GatedResolver {
     }
 }
 
+/// `tls.session_tickets = false`: no tickets at all.
+#[derive(Debug)]
+struct NoTickets;
+
+impl ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 /// One listener's rotating TLS material.
 pub struct ListenerTls {
     pub name: String,
@@ -147,7 +166,10 @@ impl TlsState {
         let (file_ticketer, ticketer): (
             Option<Arc<crate::tickets::Ticketer>>,
             Arc<dyn ProducesTickets>,
-        ) = if policy.ticket_keys.is_empty() {
+        ) = if !policy.session_tickets {
+            info!("session tickets off (tls.session_tickets = false)");
+            (None, Arc::new(NoTickets))
+        } else if policy.ticket_keys.is_empty() {
             let t = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| {
                 crate::config::ConfigError::Invalid {
                     key: "tls.ticket_keys".into(),
@@ -166,7 +188,11 @@ impl TlsState {
             (Some(t.clone()), t)
         };
         let session_storage: Arc<dyn StoresServerSessions + Send + Sync> =
-            rustls::server::ServerSessionMemoryCache::new(4096);
+            if policy.session_cache == 0 {
+                Arc::new(rustls::server::NoServerSessionStorage {})
+            } else {
+                rustls::server::ServerSessionMemoryCache::new(policy.session_cache)
+            };
         let mut state = TlsState {
             policy: policy.clone(),
             trust,
@@ -399,4 +425,81 @@ fn sources(l: &Listener) -> Vec<CertSource> {
             default: c.default,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::testpki::{LeafSpec, Pki};
+    use crate::config::{BackendAddr, CertConfig};
+
+    fn listener(pki: &Pki) -> Listener {
+        let src = pki.source("main", LeafSpec::server(&["localhost"]), &[]);
+        Listener {
+            name: "listener[0]".into(),
+            listen: "127.0.0.1:1".parse().unwrap(),
+            certs: vec![CertConfig {
+                name: src.name,
+                cert: src.cert,
+                key: src.key,
+                sni: Vec::new(),
+                default: true,
+            }],
+            backend: BackendAddr::Tcp("127.0.0.1:2".parse().unwrap()),
+            backend_tls: None,
+            client_auth: None,
+            proxy_protocol: false,
+        }
+    }
+
+    /// Two handshakes from one client config; whether the second resumed.
+    fn second_resumes(server: Arc<ServerConfig>, pki: &Pki) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.root.cert.der().clone()).unwrap();
+        let client = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut resumed = false;
+        for _ in 0..2 {
+            let mut c =
+                rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap())
+                    .unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            for _ in 0..10 {
+                let mut buf = Vec::new();
+                c.write_tls(&mut buf).unwrap();
+                s.read_tls(&mut &buf[..]).unwrap();
+                s.process_new_packets().unwrap();
+                let mut buf = Vec::new();
+                s.write_tls(&mut buf).unwrap();
+                c.read_tls(&mut &buf[..]).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            assert!(!c.is_handshaking());
+            resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        }
+        resumed
+    }
+
+    #[test]
+    fn resumption_switches() {
+        let pki = Pki::new();
+        let l = listener(&pki);
+        let on = TlsState::load(&TlsPolicy::default(), std::slice::from_ref(&l), false).unwrap();
+        assert!(second_resumes(on.listeners[0].current.load_full(), &pki));
+        let off_policy = TlsPolicy {
+            session_tickets: false,
+            session_cache: 0,
+            ..TlsPolicy::default()
+        };
+        let off = TlsState::load(&off_policy, std::slice::from_ref(&l), false).unwrap();
+        let cfg = off.listeners[0].current.load_full();
+        assert_eq!(cfg.send_tls13_tickets, 0);
+        assert!(
+            !second_resumes(cfg, &pki),
+            "no tickets and no cache: full handshakes only"
+        );
+    }
 }

@@ -39,6 +39,11 @@ pub const TLS_IN_CAP: usize = 34 * 1024;
 pub const TLS_OUT_CAP: usize = 34 * 1024;
 /// Capacity of each plaintext buffer (client→backend, backend→client).
 pub const PLAIN_CAP: usize = 32 * 1024;
+/// Size of every buffer while its direction carries little: a quiet or
+/// idle connection holds four of these, not the full sizes above. A buffer
+/// grows to full size when a transfer needs it (a receive filled it, a
+/// record does not fit) and shrinks back once drained by a small transfer.
+pub const SMALL_CAP: usize = 2 * 1024;
 /// Largest plaintext a TLS record can carry.
 const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
 /// Bytes reserved per record for header, tag and padding when encrypting.
@@ -422,6 +427,13 @@ pub struct Session {
     /// SNI read from the ClientHello (rustls' unbuffered API has no getter).
     sni: Option<Box<str>>,
     sni_checked: bool,
+    /// The last client / backend receive filled all it was offered (more
+    /// is probably waiting: use full-size buffers).
+    client_read_full: bool,
+    backend_read_full: bool,
+    /// Bytes offered to the receive in flight.
+    client_recv_offered: usize,
+    backend_recv_offered: usize,
     /// Bytes sent to the backend before anything else (PROXY header). Not
     /// modified while a send of it is in flight.
     backend_prefix: Vec<u8>,
@@ -436,11 +448,11 @@ impl Session {
             cfg,
             phase: Phase::Sniff,
             tls: None,
-            tls_in: Buf::new(TLS_IN_CAP),
-            tls_out: Buf::new(TLS_OUT_CAP),
+            tls_in: Buf::new(SMALL_CAP),
+            tls_out: Buf::new(SMALL_CAP),
             overflow: Vec::new(),
-            up: Buf::new(PLAIN_CAP),
-            down: Buf::new(PLAIN_CAP),
+            up: Buf::new(SMALL_CAP),
+            down: Buf::new(SMALL_CAP),
             in_flight: 0,
             backend: Backend::Idle,
             client_tcp_eof: false,
@@ -468,6 +480,10 @@ impl Session {
             sni_checked: false,
             backend_prefix: Vec::new(),
             prefix_in_flight: false,
+            client_read_full: false,
+            backend_read_full: false,
+            client_recv_offered: 0,
+            backend_recv_offered: 0,
         }
     }
 
@@ -589,12 +605,14 @@ impl Session {
         // Client receive (none while the record layer is about to move
         // into the kernel: those bytes are the kernel's to decrypt).
         if self.idle(OpKind::ClientRecv) && !self.client_tcp_eof && self.mode == Mode::User {
+            size_for_receive(&mut self.tls_in, TLS_IN_CAP, self.client_read_full);
             if self.tls_in.spare_len() < MAX_RECORD_PLAINTEXT {
                 self.tls_in.compact();
             }
             let len = self.client_recv_len();
             if len > 0 {
                 let (ptr, _) = self.tls_in.spare_raw();
+                self.client_recv_offered = len;
                 return Some(Io::ClientRecv { ptr, len });
             }
         }
@@ -646,11 +664,13 @@ impl Session {
             return Some(Io::BackendShutdown);
         }
         if self.idle(OpKind::BackendRecv) && !self.backend_rd_done {
+            size_for_receive(&mut self.down, PLAIN_CAP, self.backend_read_full);
             if self.down.spare_len() < MAX_RECORD_PLAINTEXT {
                 self.down.compact();
             }
             if self.down.spare_len() > 0 {
                 let (ptr, len) = self.down.spare_raw();
+                self.backend_recv_offered = len;
                 return Some(Io::BackendRecv { ptr, len });
             }
         }
@@ -782,6 +802,7 @@ impl Session {
                     // Discard whatever a rejected client keeps sending.
                     return;
                 }
+                self.client_read_full = n as usize >= self.client_recv_offered;
                 self.tls_in.commit(n as usize);
             }
             0 => self.client_tcp_eof = true,
@@ -807,6 +828,7 @@ impl Session {
             self.tls_out.consume(res as usize);
             if self.tls_out.is_empty() {
                 self.tls_out.compact();
+                shrink_after_small(&mut self.tls_out, res as usize);
             }
         } else if self.phase == Phase::Reject {
             self.finish(CloseReason::PlaintextHttp);
@@ -871,6 +893,7 @@ impl Session {
         }
         match res {
             n if n > 0 => {
+                self.backend_read_full = n as usize >= self.backend_recv_offered;
                 self.down.commit(n as usize);
                 self.stats.bytes_down += n as u64;
             }
@@ -911,6 +934,9 @@ impl Session {
             self.stats.bytes_up += res as u64;
             if self.up.is_empty() {
                 self.up.compact();
+                if self.mode != Mode::Kernel {
+                    shrink_after_small(&mut self.up, res as usize);
+                }
             }
         } else {
             self.backend_failed(CloseReason::BackendReset(Errno(-res)));
@@ -1062,6 +1088,11 @@ impl Session {
         let Some(b) = self.btls.as_mut() else {
             return;
         };
+        if !b.tls_in.is_empty() && self.down.capacity() < PLAIN_CAP {
+            // Backend records decrypt into `down`, which no operation uses
+            // in this mode: room for a full record.
+            self.down.resize(PLAIN_CAP);
+        }
         let mut first_down = false;
         let res = b.pump(
             backend_tls::Plain {
@@ -1154,8 +1185,12 @@ impl Session {
             };
             // Feed client records only while the plaintext they decrypt to is
             // sure to fit (backpressure), or during the handshake.
-            let up_room = room(&self.up, self.in_flight & OpKind::BackendSend.bit() == 0);
-            let read_allowed = !self.client_rd_done && up_room >= MAX_RECORD_PLAINTEXT;
+            let up_may_move =
+                self.btls.is_some() || self.in_flight & OpKind::BackendSend.bit() == 0;
+            let up_room = room(&self.up, up_may_move);
+            let up_can_grow = up_may_move && self.up.capacity() < PLAIN_CAP;
+            let read_allowed =
+                !self.client_rd_done && (up_room >= MAX_RECORD_PLAINTEXT || up_can_grow);
             let input: &mut [u8] = if read_allowed {
                 self.tls_in.filled_mut()
             } else {
@@ -1181,6 +1216,13 @@ impl Session {
                         self.btls.is_some() || self.in_flight & OpKind::BackendSend.bit() == 0;
                     let mut progressed = false;
                     while let Some(len) = rt.peek_len() {
+                        if room(&self.up, up_idle) < len.get()
+                            && up_idle
+                            && self.up.capacity() < PLAIN_CAP
+                        {
+                            // A record larger than the quiet-size buffer.
+                            self.up.resize(PLAIN_CAP);
+                        }
                         if room(&self.up, up_idle) < len.get() {
                             break;
                         }
@@ -1418,6 +1460,13 @@ fn encrypt_pending(
     if !o.overflow_empty {
         return Ok(());
     }
+    if o.out_idle
+        && o.tls_out.capacity() < TLS_OUT_CAP
+        && o.down.len() + RECORD_OVERHEAD > o.tls_out.free_len()
+    {
+        // More than the quiet-size buffer holds: full-size records.
+        o.tls_out.resize(TLS_OUT_CAP);
+    }
     while !o.down.is_empty() {
         if o.out_idle && o.tls_out.spare_len() < MAX_RECORD_PLAINTEXT + RECORD_OVERHEAD {
             o.tls_out.compact();
@@ -1457,6 +1506,34 @@ fn encrypt_pending(
         }
     }
     Ok(())
+}
+
+/// Before posting a receive into `buf` (nothing in flight on it): full
+/// size when the last receive filled what it was offered or a partial
+/// record needs more room than the buffer has; back to the quiet size when
+/// it is empty and the last receive was small.
+fn size_for_receive(buf: &mut Buf, full: usize, last_read_full: bool) {
+    let cap = buf.capacity();
+    if cap < full {
+        let partial_need = if buf.is_empty() {
+            0
+        } else {
+            buf.len() + kernel::record_remaining(buf.filled())
+        };
+        if last_read_full || partial_need > cap {
+            buf.resize(full);
+        }
+    } else if cap > SMALL_CAP && buf.is_empty() && !last_read_full {
+        *buf = Buf::new(SMALL_CAP);
+    }
+}
+
+/// After a send drained `buf` (nothing in flight on it): back to the quiet
+/// size when that send was small.
+fn shrink_after_small(buf: &mut Buf, last_send: usize) {
+    if buf.capacity() > SMALL_CAP && buf.is_empty() && last_send < SMALL_CAP {
+        *buf = Buf::new(SMALL_CAP);
+    }
 }
 
 /// Free room in a buffer: all of it when no send reads from it (so it may be

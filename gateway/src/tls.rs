@@ -272,6 +272,10 @@ pub fn build_server_config(
     cfg.enable_secret_extraction = parts.secret_extraction;
     cfg.ticketer = parts.ticketer;
     cfg.session_storage = parts.session_storage;
+    if !policy.session_tickets && policy.session_cache == 0 {
+        // No resumption of any kind: no TLS 1.3 ticket messages either.
+        cfg.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(cfg))
 }
 

@@ -20,7 +20,7 @@ mod set;
 mod trust;
 
 #[cfg(test)]
-mod testpki;
+pub(crate) mod testpki;
 
 pub use client::{client_verifier, peer_identity};
 pub use files::{chain_to_pem, key_to_pem, parse_pem_bundle, write_pem_files};

@@ -1210,3 +1210,60 @@ fn proxy_prefix_goes_first_even_when_the_client_filled_the_buffer() {
         "the prefix is not client data"
     );
 }
+
+#[test]
+fn quiet_connections_hold_small_buffers_and_bulk_grows_them() {
+    let pki = pki();
+    let mut w = World::new(config(&pki));
+    let mut c = client(&pki, &rustls::version::TLS13);
+    let caps = |s: &Session| {
+        [
+            s.tls_in.capacity(),
+            s.tls_out.capacity(),
+            s.up.capacity(),
+            s.down.capacity(),
+        ]
+    };
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"small request").unwrap();
+    w.backend_out.extend_from_slice(b"small answer");
+    w.pump_client(&mut c);
+    assert_eq!(w.take_plain(&mut c), b"small answer");
+    assert_eq!(
+        caps(&w.s),
+        [SMALL_CAP; 4],
+        "a quiet connection keeps only small buffers"
+    );
+    // Bulk both ways: the buffers grow (full-size records, big reads)...
+    let up: Vec<u8> = (0..400_000u32).map(|i| (i % 253) as u8).collect();
+    let down: Vec<u8> = (0..400_000u32).map(|i| (i % 241) as u8).collect();
+    w.backend_out.extend_from_slice(&down);
+    let mut got = Vec::new();
+    for chunk in up.chunks(50_000) {
+        c.writer().write_all(chunk).unwrap();
+        w.pump_client(&mut c);
+        got.extend(w.take_plain(&mut c));
+        assert!(
+            caps(&w.s).iter().any(|&c| c > SMALL_CAP),
+            "bulk uses full-size buffers"
+        );
+    }
+    for _ in 0..20 {
+        w.pump_client(&mut c);
+        got.extend(w.take_plain(&mut c));
+    }
+    assert!(w.backend_got[b"small request".len()..] == up[..]);
+    assert!(got == down);
+    // ... and shrink back once traffic is small again.
+    for _ in 0..3 {
+        c.writer().write_all(b"ping").unwrap();
+        w.backend_out.extend_from_slice(b"pong");
+        w.pump_client(&mut c);
+        assert_eq!(w.take_plain(&mut c), b"pong");
+    }
+    assert_eq!(
+        caps(&w.s),
+        [SMALL_CAP; 4],
+        "back to small buffers after bulk"
+    );
+}
