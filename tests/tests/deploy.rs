@@ -30,9 +30,23 @@ fn systemd_unit_verifies() {
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart line");
     let exec_path = exec.split_whitespace().next().expect("ExecStart binary");
-    let bin_in_root = root.path().join(exec_path.trim_start_matches('/'));
-    std::fs::create_dir_all(bin_in_root.parent().unwrap()).unwrap();
-    std::fs::copy(gateway_bin(), &bin_in_root).expect("copy gateway binary");
+    // Every command the unit runs must exist in the scratch root: the
+    // gateway (this build), and system tools (e.g. kill for ExecReload)
+    // copied from this host.
+    for line in unit.lines().filter(|l| l.starts_with("Exec")) {
+        let Some((_, cmd)) = line.split_once('=') else {
+            continue;
+        };
+        let path = cmd.trim_start_matches(['-', '@', '+', '!', ':']);
+        let path = path.split_whitespace().next().expect("Exec binary");
+        let dst = root.path().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        if path == exec_path {
+            std::fs::copy(gateway_bin(), &dst).expect("copy gateway binary");
+        } else {
+            std::fs::copy(path, &dst).unwrap_or_else(|e| panic!("copy {path}: {e}"));
+        }
+    }
     let unit_dir = root.join("etc/systemd/system");
     std::fs::create_dir_all(&unit_dir).unwrap();
     std::fs::copy(&unit_src, unit_dir.join("mcp-tls-gateway.service")).unwrap();
