@@ -76,6 +76,10 @@ struct CompareArgs {
     /// Do not run `cargo build` for the gateway and loadgen first.
     #[arg(long)]
     no_build: bool,
+    /// Only these scenarios (comma-separated: small-closed, small-open,
+    /// bulk, handshake-ecdsa, handshake-rsa, handshake-resumed, idle).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -396,6 +400,10 @@ struct Ctx {
     workers: usize,
 }
 
+/// New idle connections per second (below the targets' full-handshake rate
+/// on 2 cores, which the client shares).
+const IDLE_RAMP_RATE: f64 = 1000.0;
+
 const T_NGINX: &str = include_str!("../templates/nginx.conf");
 const T_HAPROXY: &str = include_str!("../templates/haproxy.cfg");
 const T_HITCH: &str = include_str!("../templates/hitch.conf");
@@ -527,6 +535,29 @@ enum Scenario {
 }
 
 impl Scenario {
+    const ALL: [Scenario; 7] = [
+        Scenario::SmallClosed,
+        Scenario::SmallOpen,
+        Scenario::Bulk,
+        Scenario::HandshakeFullEcdsa,
+        Scenario::HandshakeFullRsa,
+        Scenario::HandshakeResumed,
+        Scenario::Idle,
+    ];
+
+    /// The name `--only` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::SmallClosed => "small-closed",
+            Scenario::SmallOpen => "small-open",
+            Scenario::Bulk => "bulk",
+            Scenario::HandshakeFullEcdsa => "handshake-ecdsa",
+            Scenario::HandshakeFullRsa => "handshake-rsa",
+            Scenario::HandshakeResumed => "handshake-resumed",
+            Scenario::Idle => "idle",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Scenario::SmallClosed => "small requests, closed loop (32 conns, 256 B/256 B)",
@@ -631,7 +662,7 @@ fn loadgen_args(
         Scenario::Idle => {
             // Below the targets' full-handshake rate on 2 cores (which the
             // client shares), so the ramp itself does not overload them.
-            let ramp = 1000.0;
+            let ramp = IDLE_RAMP_RATE;
             let hold = plan.idle_conns as f64 / ramp * 1.5 + if plan.quick { 1.5 } else { 3.0 };
             return vec![
                 "idle".into(),
@@ -701,6 +732,10 @@ fn run_once(
         .spawn()
         .context("starting loadgen")?;
     let limit = Instant::now() + plan.duration + plan.warmup + Duration::from_secs(60);
+    // Idle: sample memory once every connection is up (loadgen's ready
+    // file), or, if a few never come up, once the ramp is over anyway.
+    let sample_by =
+        Instant::now() + Duration::from_secs_f64(plan.idle_conns as f64 / IDLE_RAMP_RATE + 3.0);
     let mut pss1 = pss0;
     let mut sampled = false;
     loop {
@@ -715,7 +750,7 @@ fn run_once(
             }
             break;
         }
-        if s == Scenario::Idle && !sampled && ready.exists() {
+        if s == Scenario::Idle && !sampled && (ready.exists() || Instant::now() >= sample_by) {
             std::thread::sleep(Duration::from_millis(500));
             pss1 = procfs::tree_pss_kib(pid);
             sampled = true;
@@ -1274,6 +1309,24 @@ fn compare(a: CompareArgs) -> Result<()> {
             Scenario::Idle,
         ]
     };
+    let scenarios: Vec<Scenario> = match &a.only {
+        None => scenarios,
+        Some(list) => {
+            let want: Vec<&str> = list.split(',').map(str::trim).collect();
+            for w in &want {
+                if !Scenario::ALL.iter().any(|s| s.key() == *w) {
+                    bail!(
+                        "--only: unknown scenario \"{w}\" (known: {})",
+                        Scenario::ALL.map(|s| s.key()).join(", ")
+                    );
+                }
+            }
+            scenarios
+                .into_iter()
+                .filter(|s| want.contains(&s.key()))
+                .collect()
+        }
+    };
     let mut results: Vec<ScenarioResult> = Vec::new();
     let mut small_closed_rates: BTreeMap<String, f64> = BTreeMap::new();
     let outcome = (|| -> Result<()> {
@@ -1354,6 +1407,27 @@ fn compare(a: CompareArgs) -> Result<()> {
                 let n = running.len() + ceilings.len();
                 for k in 0..n {
                     let i = (k + round) % n;
+                    if s == Scenario::Idle && round > 0 && i < running.len() {
+                        // Memory per idle connection is only meaningful on a
+                        // fresh process: allocators keep what an earlier
+                        // round's connections freed, and the next round's
+                        // would reuse it for free.
+                        let name = running[i].name.clone();
+                        if let Some(c) = running[i].child.as_mut() {
+                            stop(c);
+                        }
+                        match start_target(&ctx, &name, s.cfg()) {
+                            Ok(r) => running[i] = r,
+                            Err(e) => {
+                                eprintln!("bench: {name} failed to restart: {e:#}");
+                                notes.push(format!(
+                                    "{name} failed to restart: {}",
+                                    first_line(&format!("{e:#}"))
+                                ));
+                                continue;
+                            }
+                        }
+                    }
                     let t: &Running = if i < running.len() {
                         &running[i]
                     } else {
