@@ -211,7 +211,17 @@ impl Gateway {
             Err(e) => return Err(StartError::Uring(e)),
         }
         let workers = cfg.worker_count();
-        raise_nofile_limit();
+        let nofile = raise_nofile_limit();
+        let wanted = (workers as u64)
+            .saturating_mul(cfg.server.max_connections_per_worker as u64)
+            .saturating_mul(2);
+        if nofile < wanted {
+            warn!(
+                open_files_limit = nofile,
+                connections = nofile.saturating_sub(64) / 2,
+                "RLIMIT_NOFILE caps open connections below workers × max_connections_per_worker (each connection uses two descriptors: client and backend); beyond it accepts fail with EMFILE (logged, counted). Raise LimitNOFILE= / ulimit -n"
+            );
+        }
         let ktls = resolve_ktls(cfg.server.ktls)?;
         let tls_state = TlsState::load(&cfg.tls, &listeners, ktls.is_some())?;
         let mut prepared = Vec::new();
@@ -592,20 +602,26 @@ fn eventfd() -> std::io::Result<OwnedFd> {
 /// Every connection holds two descriptors: raise the soft `RLIMIT_NOFILE` to
 /// the hard limit, as servers do, so the default soft limit of 1024 does
 /// not cap the gateway at ~500 connections.
-fn raise_nofile_limit() {
+/// Returns the soft limit in effect afterwards.
+fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
-            return;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return u64::MAX;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            return lim.rlim_cur;
         }
         let old = lim.rlim_cur;
         lim.rlim_cur = lim.rlim_max;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
             tracing::debug!(from = old, to = lim.rlim_max, "raised RLIMIT_NOFILE");
+            return lim.rlim_max;
         }
+        old
     }
 }
