@@ -1247,28 +1247,14 @@ impl Session {
                 }
                 ConnectionState::EncodeTlsData(mut enc) => {
                     let out_idle = self.in_flight & OpKind::ClientSend.bit() == 0;
-                    if self.overflow.is_empty() && out_idle {
-                        self.tls_out.compact();
-                    }
-                    let res = if self.overflow.is_empty() {
-                        enc.encode(self.tls_out.spare_mut())
-                    } else {
-                        Err(EncodeError::InsufficientSize(
-                            rustls::unbuffered::InsufficientSizeError { required_size: 0 },
-                        ))
-                    };
-                    match res {
-                        Ok(n) => self.tls_out.commit(n),
-                        Err(EncodeError::InsufficientSize(_)) => {
-                            // Never drop a handshake message: park it in the
-                            // overflow, which is sent before anything else.
-                            if let Err(e) = encode_into_vec(&mut enc, &mut self.overflow) {
-                                self.tls_in.consume(discard);
-                                self.tls_failed(e);
-                                return;
-                            }
-                        }
-                        Err(EncodeError::AlreadyEncoded) => {}
+                    // Never drop a handshake message: what does not fit is
+                    // parked in the overflow, sent before anything else.
+                    let r =
+                        encode_or_park(&mut enc, &mut self.tls_out, &mut self.overflow, out_idle);
+                    if let Err(e) = r {
+                        self.tls_in.consume(discard);
+                        self.tls_failed(e);
+                        return;
                     }
                 }
                 ConnectionState::TransmitTlsData(mut t) => {
@@ -1543,6 +1529,31 @@ fn room(buf: &Buf, may_compact: bool) -> usize {
         buf.free_len()
     } else {
         buf.spare_len()
+    }
+}
+
+/// Encodes a handshake message into `out`, or into `overflow` when it does
+/// not fit or something is already parked there (order is kept). Either
+/// side's connection.
+fn encode_or_park<Data>(
+    enc: &mut rustls::unbuffered::EncodeTlsData<'_, Data>,
+    out: &mut Buf,
+    overflow: &mut Vec<u8>,
+    out_idle: bool,
+) -> Result<(), rustls::Error> {
+    if !overflow.is_empty() {
+        return encode_into_vec(enc, overflow);
+    }
+    if out_idle {
+        out.compact();
+    }
+    match enc.encode(out.spare_mut()) {
+        Ok(n) => {
+            out.commit(n);
+            Ok(())
+        }
+        Err(EncodeError::InsufficientSize(_)) => encode_into_vec(enc, overflow),
+        Err(EncodeError::AlreadyEncoded) => Ok(()),
     }
 }
 

@@ -11,7 +11,7 @@
 //! only when its session has no operation in flight, so a completion never
 //! reaches a reused key.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -798,34 +798,29 @@ impl Worker {
                     .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
                     .build()
                 }
-                Io::ClientControl => {
-                    let ev = read_control(conn, &mut self.control_buf);
+                Io::ClientControl | Io::BackendControl => {
+                    let backend_leg = io == Io::BackendControl;
+                    let ev = if backend_leg {
+                        read_backend_control(conn, &mut self.control_buf)
+                    } else {
+                        read_control(conn, &mut self.control_buf)
+                    };
                     if let ControlEvent::Fatal(msg) | ControlEvent::CloseCleanly(msg) = &ev {
                         if let Some(skipped) = self.logs.ktls.allow(now) {
                             info!(
                                 worker = self.id,
                                 conn = key,
+                                leg = if backend_leg { "backend" } else { "client" },
                                 skipped,
                                 "kernel TLS connection ends: {msg}"
                             );
                         }
                     }
-                    conn.session.on_control(ev, now);
-                    continue;
-                }
-                Io::BackendControl => {
-                    let ev = read_backend_control(conn, &mut self.control_buf);
-                    if let ControlEvent::Fatal(msg) | ControlEvent::CloseCleanly(msg) = &ev {
-                        if let Some(skipped) = self.logs.ktls.allow(now) {
-                            info!(
-                                worker = self.id,
-                                conn = key,
-                                skipped,
-                                "kernel TLS backend connection ends: {msg}"
-                            );
-                        }
+                    if backend_leg {
+                        conn.session.on_backend_control(ev, now);
+                    } else {
+                        conn.session.on_control(ev, now);
                     }
-                    conn.session.on_backend_control(ev, now);
                     continue;
                 }
                 Io::CloseNotify => {
@@ -1173,82 +1168,102 @@ fn offload(conn: &mut Conn) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads the non-data record at the head of a kTLS backend socket (double
-/// TLS) and acts on it (session tickets, close_notify, KeyUpdate, alerts).
-fn read_backend_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
-    let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) else {
-        return ControlEvent::Fatal("backend control record without kernel TLS".into());
-    };
-    let limit = conn.session.backend_control_buf().len().min(scratch.len());
-    match ktls_setup::sock::recv_record(fd.as_fd(), &mut scratch[..limit]) {
+/// A kTLS connection of either side, as the control-record reader and the
+/// confidentiality-limit accounting see it.
+trait KernelSide {
+    /// Acts on a non-data record (close_notify, KeyUpdate, tickets, alerts).
+    fn handle(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        typ: u8,
+        payload: &[u8],
+    ) -> Result<ktls_setup::ControlOutcome, ktls_setup::KtlsError>;
+    fn note_sent(&mut self, bytes: u64) -> bool;
+    fn update_tx_keys(&mut self, fd: BorrowedFd<'_>) -> Result<(), ktls_setup::KtlsError>;
+}
+
+impl KernelSide for KtlsConn<ServerConnectionData> {
+    fn handle(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        typ: u8,
+        payload: &[u8],
+    ) -> Result<ktls_setup::ControlOutcome, ktls_setup::KtlsError> {
+        self.handle_record(fd, typ, payload)
+    }
+    fn note_sent(&mut self, bytes: u64) -> bool {
+        KtlsConn::note_sent(self, bytes)
+    }
+    fn update_tx_keys(&mut self, fd: BorrowedFd<'_>) -> Result<(), ktls_setup::KtlsError> {
+        KtlsConn::update_tx_keys(self, fd, false)
+    }
+}
+
+impl KernelSide for KtlsConn<rustls::client::ClientConnectionData> {
+    fn handle(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        typ: u8,
+        payload: &[u8],
+    ) -> Result<ktls_setup::ControlOutcome, ktls_setup::KtlsError> {
+        self.handle_record(fd, typ, payload)
+    }
+    fn note_sent(&mut self, bytes: u64) -> bool {
+        KtlsConn::note_sent(self, bytes)
+    }
+    fn update_tx_keys(&mut self, fd: BorrowedFd<'_>) -> Result<(), ktls_setup::KtlsError> {
+        KtlsConn::update_tx_keys(self, fd, false)
+    }
+}
+
+/// Reads the non-data record at the head of a kTLS socket (`peer`: "client"
+/// or "backend") and acts on it. A data record read instead lands in `out`.
+fn read_control_record(
+    k: &mut dyn KernelSide,
+    fd: BorrowedFd<'_>,
+    scratch: &mut [u8],
+    out: &mut [u8],
+    peer: &str,
+) -> ControlEvent {
+    let limit = out.len().min(scratch.len());
+    match ktls_setup::sock::recv_record(fd, &mut scratch[..limit]) {
         Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, 0)) => ControlEvent::Eof,
         Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, n)) => {
-            conn.session.backend_control_buf()[..n].copy_from_slice(&scratch[..n]);
+            out[..n].copy_from_slice(&scratch[..n]);
             ControlEvent::Data(n)
         }
-        Ok((typ, n)) => match k.handle_record(fd.as_fd(), typ, &scratch[..n]) {
+        Ok((typ, n)) => match k.handle(fd, typ, &scratch[..n]) {
             Ok(ktls_setup::ControlOutcome::CloseNotify) => ControlEvent::CloseNotify,
             Ok(_) => ControlEvent::Handled,
-            Err(ktls_setup::KtlsError::RekeyUnsupported) => ControlEvent::CloseCleanly(
-                "the backend updated its TLS 1.3 keys (KeyUpdate) and this kernel cannot install new keys on a kTLS socket (needs Linux 6.14+); closing cleanly".into(),
-            ),
+            Err(ktls_setup::KtlsError::RekeyUnsupported) => ControlEvent::CloseCleanly(format!(
+                "the {peer} updated its TLS 1.3 keys (KeyUpdate) and this kernel cannot install new keys on a kTLS socket (needs Linux 6.14+); closing cleanly"
+            )),
             Err(e) => ControlEvent::Fatal(e.to_string()),
         },
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ControlEvent::WouldBlock,
         Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => {
-            ControlEvent::Fatal("a record from the backend failed to decrypt".into())
+            ControlEvent::Fatal(format!("a record from the {peer} failed to decrypt"))
         }
-        Err(e) => ControlEvent::Fatal(format!("reading a backend control record: {e}")),
+        Err(e) => ControlEvent::Fatal(format!("reading a control record from the {peer}: {e}")),
     }
 }
 
-/// [`account_sent`] for the backend leg of a double-TLS offload.
-fn account_sent_backend(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
-    let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) else {
-        return;
-    };
-    if k.note_sent(bytes) {
-        if !rekey {
-            conn.session.kernel_error(
-                "confidentiality limit of the backend's cipher suite reached and this kernel cannot update kTLS keys".into(),
-                now,
-            );
-        } else if let Err(e) = k.update_tx_keys(fd.as_fd(), false) {
-            conn.session.kernel_error(
-                format!("backend confidentiality limit reached and keys cannot be updated: {e}"),
-                now,
-            );
-        }
-    }
-}
-
-/// Reads the non-data record at the head of a kTLS client socket and acts
-/// on it (close_notify, KeyUpdate, alerts).
+/// Reads a control record from the client's kTLS socket.
 fn read_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
     let Some(k) = conn.ktls.as_mut() else {
         return ControlEvent::Fatal("control record without kernel TLS".into());
     };
-    let limit = conn.session.control_buf().len().min(scratch.len());
-    match ktls_setup::sock::recv_record(conn.client.as_fd(), &mut scratch[..limit]) {
-        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, 0)) => ControlEvent::Eof,
-        Ok((ktls_setup::sock::CONTENT_APPLICATION_DATA, n)) => {
-            conn.session.control_buf()[..n].copy_from_slice(&scratch[..n]);
-            ControlEvent::Data(n)
-        }
-        Ok((typ, n)) => match k.handle_record(conn.client.as_fd(), typ, &scratch[..n]) {
-            Ok(ktls_setup::ControlOutcome::CloseNotify) => ControlEvent::CloseNotify,
-            Ok(_) => ControlEvent::Handled,
-            Err(ktls_setup::KtlsError::RekeyUnsupported) => ControlEvent::CloseCleanly(
-                "the client updated its TLS 1.3 keys (KeyUpdate) and this kernel cannot install new keys on a kTLS socket (needs Linux 6.14+); closing cleanly".into(),
-            ),
-            Err(e) => ControlEvent::Fatal(e.to_string()),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => ControlEvent::WouldBlock,
-        Err(e) if e.raw_os_error() == Some(libc::EBADMSG) => {
-            ControlEvent::Fatal("a record from the client failed to decrypt".into())
-        }
-        Err(e) => ControlEvent::Fatal(format!("reading a control record: {e}")),
-    }
+    let out = conn.session.control_buf();
+    read_control_record(k, conn.client.as_fd(), scratch, out, "client")
+}
+
+/// Reads a control record from the backend's kTLS socket (double TLS).
+fn read_backend_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
+    let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) else {
+        return ControlEvent::Fatal("backend control record without kernel TLS".into());
+    };
+    let out = conn.session.backend_control_buf();
+    read_control_record(k, fd.as_fd(), scratch, out, "backend")
 }
 
 /// Counts records sent under the current key; near the suite's
@@ -1256,21 +1271,40 @@ fn read_control(conn: &mut Conn, scratch: &mut [u8]) -> ControlEvent {
 /// rekey) or close cleanly. No KeyUpdate is sent unless the kernel can
 /// install the new key: the peer would switch keys and the close_notify
 /// that follows would no longer decrypt.
-fn account_sent(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
-    let Some(k) = conn.ktls.as_mut() else {
+fn note_sent_on(
+    k: &mut dyn KernelSide,
+    fd: BorrowedFd<'_>,
+    session: &mut Session,
+    bytes: u64,
+    rekey: bool,
+    now: Instant,
+) {
+    if !k.note_sent(bytes) {
         return;
-    };
-    if k.note_sent(bytes) {
-        if !rekey {
-            conn.session.kernel_error(
-                "confidentiality limit of the cipher suite reached and this kernel cannot update kTLS keys".into(),
-                now,
-            );
-        } else if let Err(e) = k.update_tx_keys(conn.client.as_fd(), false) {
-            conn.session.kernel_error(
-                format!("confidentiality limit reached and keys cannot be updated: {e}"),
-                now,
-            );
-        }
+    }
+    if !rekey {
+        session.kernel_error(
+            "confidentiality limit of the cipher suite reached and this kernel cannot update kTLS keys".into(),
+            now,
+        );
+    } else if let Err(e) = k.update_tx_keys(fd) {
+        session.kernel_error(
+            format!("confidentiality limit reached and keys cannot be updated: {e}"),
+            now,
+        );
+    }
+}
+
+/// [`note_sent_on`] for the client leg.
+fn account_sent(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
+    if let Some(k) = conn.ktls.as_mut() {
+        note_sent_on(k, conn.client.as_fd(), &mut conn.session, bytes, rekey, now);
+    }
+}
+
+/// [`note_sent_on`] for the backend leg of a double-TLS offload.
+fn account_sent_backend(conn: &mut Conn, bytes: u64, rekey: bool, now: Instant) {
+    if let (Some(k), Some(fd)) = (conn.backend_ktls.as_mut(), conn.backend.as_ref()) {
+        note_sent_on(k, fd.as_fd(), &mut conn.session, bytes, rekey, now);
     }
 }

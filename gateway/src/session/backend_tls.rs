@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+use rustls::unbuffered::{ConnectionState, EncryptError};
 
 use crate::buf::Buf;
 
@@ -153,26 +153,15 @@ impl BackendTls {
                     stop = !progressed && p.down.free_len() >= MAX_RECORD_PLAINTEXT;
                 }
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    if self.overflow.is_empty() && out_idle {
-                        self.tls_out.compact();
-                    }
-                    let res = if self.overflow.is_empty() {
-                        enc.encode(self.tls_out.spare_mut())
-                    } else {
-                        Err(EncodeError::InsufficientSize(
-                            rustls::unbuffered::InsufficientSizeError { required_size: 0 },
-                        ))
-                    };
-                    match res {
-                        Ok(n) => self.tls_out.commit(n),
-                        Err(EncodeError::InsufficientSize(_)) => {
-                            let r = super::encode_into_vec(&mut enc, &mut self.overflow);
-                            if let Err(e) = r {
-                                self.tls_in.consume(discard);
-                                return Err(e);
-                            }
-                        }
-                        Err(EncodeError::AlreadyEncoded) => {}
+                    let r = super::encode_or_park(
+                        &mut enc,
+                        &mut self.tls_out,
+                        &mut self.overflow,
+                        out_idle,
+                    );
+                    if let Err(e) = r {
+                        self.tls_in.consume(discard);
+                        return Err(e);
                     }
                 }
                 ConnectionState::TransmitTlsData(t) => t.done(),
