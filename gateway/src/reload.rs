@@ -288,8 +288,8 @@ impl TlsState {
                     error: source,
                 }
             })?;
-            // A new resolver is only used to validate the client-auth
-            // settings; the swap below reuses the listener's own.
+            // The listener keeps its resolver (its set is swapped below);
+            // the ServerConfig is rebuilt for new client-auth CRLs/CAs.
             let cfg = self.server_config(&l.resolver, l.client_auth.as_ref(), &l.name)?;
             staged.push((set, cfg));
         }

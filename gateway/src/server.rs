@@ -35,8 +35,6 @@ use crate::worker::{
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Cert(#[from] crate::tls::CertError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,

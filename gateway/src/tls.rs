@@ -23,8 +23,6 @@ pub enum CertError {
         key: PathBuf,
         message: String,
     },
-    #[error("TLS settings: {0}")]
-    Policy(#[from] ConfigError),
 }
 
 fn version_label(v: rustls::ProtocolVersion) -> &'static str {
@@ -276,49 +274,6 @@ pub fn build_server_config(
         // No resumption of any kind: no TLS 1.3 ticket messages either.
         cfg.send_tls13_tickets = 0;
     }
-    Ok(Arc::new(cfg))
-}
-
-/// Builds the server configuration for one listener.
-/// `secret_extraction`: allow handing the keys to kernel TLS after the
-/// handshake.
-pub fn server_config(
-    policy: &TlsPolicy,
-    cert: &Path,
-    key: &Path,
-    secret_extraction: bool,
-) -> Result<Arc<ServerConfig>, CertError> {
-    let chain = load_chain(cert)?;
-    let key_der = load_key(key)?;
-    let versions = versions(policy)?;
-    let provider = Arc::new(provider(policy)?);
-    let builder = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&versions)
-        .map_err(|e| {
-            CertError::Policy(ConfigError::Invalid {
-                key: "tls".into(),
-                message: e.to_string(),
-            })
-        })?
-        .with_no_client_auth();
-    // `with_single_cert` parses the key and checks that it matches the leaf
-    // certificate's public key.
-    let mut cfg = builder
-        .with_single_cert(chain, key_der)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => CertError::Mismatch {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-                message: e.to_string(),
-            },
-            other => CertError::Key {
-                path: key.to_owned(),
-                message: format!("unusable key: {other}"),
-            },
-        })?;
-    cfg.alpn_protocols = policy.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    cfg.max_early_data_size = 0;
-    cfg.enable_secret_extraction = secret_extraction;
     Ok(Arc::new(cfg))
 }
 
