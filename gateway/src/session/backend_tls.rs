@@ -212,10 +212,10 @@ impl BackendTls {
                     ));
                 }
             }
+            // No compaction here: a receive may be in flight into
+            // `tls_in`'s free space (the session compacts before posting
+            // the next one).
             self.tls_in.consume(discard);
-            if self.tls_in.is_empty() {
-                self.tls_in.compact();
-            }
             if stop {
                 break;
             }

@@ -105,6 +105,8 @@ struct World {
     g2c_tls_tail: Vec<u8>,
     /// Backend connects complete only while this is set.
     connect_ready: bool,
+    /// Sends to the client complete only while this is set.
+    client_accepts: bool,
 }
 
 impl World {
@@ -135,6 +137,7 @@ impl World {
             backend_control: None,
             g2c_tls_tail: Vec::new(),
             connect_ready: true,
+            client_accepts: true,
         }
     }
 
@@ -198,6 +201,9 @@ impl World {
                 }
             }
             Io::ClientSend { ptr, len } => {
+                if !self.client_accepts {
+                    return None;
+                }
                 // SAFETY: the session guarantees `ptr..ptr+len` is readable.
                 let data = unsafe { std::slice::from_raw_parts(ptr, len) };
                 self.g2c.extend_from_slice(data);
@@ -1266,4 +1272,38 @@ fn quiet_connections_hold_small_buffers_and_bulk_grows_them() {
         [SMALL_CAP; 4],
         "back to small buffers after bulk"
     );
+}
+
+#[test]
+fn backend_tls_records_held_back_by_a_slow_client_stay_intact() {
+    // The client stops reading: backend records pile up behind a full
+    // plaintext buffer while a backend receive is in flight. Draining them
+    // later must not move that receive's buffer under it.
+    let pki = pki();
+    let mut w = World::new(upstream_config(&pki, "localhost"));
+    let mut c = client(&pki, &rustls::version::TLS12);
+    let mut b = rustls::ServerConnection::new(pki.server.clone()).unwrap();
+    b.set_buffer_limit(None);
+    let mut got = Vec::new();
+    handshake(&mut w, &mut c);
+    c.writer().write_all(b"go").unwrap();
+    run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+    assert_eq!(got, b"go");
+    let down: Vec<u8> = (0..600_000u32).map(|i| (i % 239) as u8).collect();
+    let mut plain = Vec::new();
+    for chunk in down.chunks(30_000) {
+        w.client_accepts = false;
+        b.writer().write_all(chunk).unwrap();
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        w.client_accepts = true;
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        plain.extend(w.take_plain(&mut c));
+        assert!(w.s.close_reason().is_none(), "{:?}", w.s.close_reason());
+    }
+    for _ in 0..20 {
+        run_tls_backend(&mut w, &mut c, &mut b, &mut got).unwrap();
+        plain.extend(w.take_plain(&mut c));
+    }
+    assert_eq!(plain.len(), down.len());
+    assert!(plain == down, "backend bytes reach the client intact");
 }
